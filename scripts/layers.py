@@ -1,0 +1,122 @@
+"""The learnable layers around the backprojection: filtration ``F`` and fine-tuning ``T``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["Filtration", "FineTuning", "FILTER_INITS"]
+
+FILTER_INITS = ("identity", "ramp")
+
+
+def _initial_taps(kernel_size: int, init: str) -> torch.Tensor:
+    """The filter's taps at initialisation, shape ``(kernel_size,)``.
+
+    ``"identity"``: a centred unit impulse. ``"ramp"``: the spatial ramp (Ram-Lak) filter of
+    filtered backprojection (Kak & Slaney, "Principles of Computerized Tomographic
+    Imaging", eq. 3.61), scaled to a unit centre tap: ``h(0) = 1``, ``h(n) = -4 / (pi n)^2``
+    for odd ``n``, 0 for even ``n``.
+    """
+    if init not in FILTER_INITS:
+        raise ValueError(f"unknown filter initialisation {init!r}; valid ones are {list(FILTER_INITS)}.")
+    half = kernel_size // 2
+    taps = torch.zeros(kernel_size)
+    taps[half] = 1.0
+    if init == "ramp":
+        for n in range(1, half + 1, 2):
+            taps[half - n] = taps[half + n] = -4.0 / (math.pi * n) ** 2
+    return taps
+
+
+class Filtration(nn.Module):
+    """``F``: a learnable 1D filter along the detector axis ``s`` of each projection.
+
+    A depthwise convolution with kernel ``(kernel_size, 1)`` (zero padding, shape kept),
+    one filter per output channel, shared by all directions or one per direction; the
+    learnable analogue of the ramp filter of filtered backprojection.
+
+    Args:
+        channels: K, the channels of the projections.
+        kernel_size: odd filter length along ``s``.
+        num_directions: 1 to share the filter across directions, or ``p`` for one filter
+            per direction (then the projections must come from those ``p`` directions).
+        init: ``"identity"`` (default) or ``"ramp"``.
+
+    Shapes:
+        ``(B, p', K, N_s, D) -> (B, p', K, N_s, D)``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 9, num_directions: int = 1, init: str = "identity") -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be at least 1, got {channels}.")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}.")
+        if num_directions < 1:
+            raise ValueError(f"num_directions must be at least 1, got {num_directions}.")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.num_directions = num_directions
+        taps = _initial_taps(kernel_size, init)
+        self.weight = nn.Parameter(taps.repeat(num_directions, channels, 1).reshape(num_directions, channels, 1, kernel_size, 1))
+
+    def forward(self, q: torch.Tensor, num_directions: int, directions: list[int] | None = None) -> torch.Tensor:
+        """Filter ``q``, whose direction axis holds ``directions`` of ``num_directions``."""
+        if q.dim() != 5 or q.shape[2] != self.channels:
+            raise ValueError(f"expected projections of shape (B, p, {self.channels}, N_s, D), got {list(q.shape)}.")
+        b, p, k, n_s, d = q.shape
+        pad = (self.kernel_size // 2, 0)
+        if self.num_directions == 1:
+            out = nn.functional.conv2d(q.reshape(b * p, k, n_s, d), self.weight[0], padding=pad, groups=k)
+            return out.view(b, p, k, n_s, d)
+        if num_directions != self.num_directions:
+            raise ValueError(
+                f"the filters are per direction for {self.num_directions} directions, "
+                f"they cannot filter projections of {num_directions} directions."
+            )
+        dirs = list(range(num_directions)) if directions is None else directions
+        weight = self.weight[torch.tensor(dirs, device=q.device)].reshape(p * k, 1, self.kernel_size, 1)
+        out = nn.functional.conv2d(q.reshape(b, p * k, n_s, d), weight, padding=pad, groups=p * k)
+        return out.view(b, p, k, n_s, d)
+
+
+class FineTuning(nn.Module):
+    """``T``: 3D average pooling, a learnable per-channel scale and shift, and the sigmoid.
+
+    The pooling (stride 1, shape kept, border windows average only voxels inside) smooths
+    the streaks a few directions leave; scale and shift set the threshold of each class.
+
+    Args:
+        channels: K.
+        kernel_size: odd size of the cubic pooling window.
+
+    Shapes:
+        ``(B, K, H, W, D) -> (B, K, H, W, D)``, values in ``[0, 1]``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}.")
+        self.kernel_size = kernel_size
+        self.pool = nn.AvgPool3d(kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, 1)
+        return torch.sigmoid(self._pool(x) * self.scale.view(shape) + self.shift.view(shape))
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size
+        if min(x.shape[2], x.shape[3], x.shape[4]) >= k:
+            return self.pool(x)
+        # torch's pooling refuses volumes thinner than its window: average explicitly over the voxels inside
+        pad = [k // 2] * 6
+        inside = nn.functional.pad(torch.ones_like(x[:1, :1]), pad)
+        total = nn.functional.avg_pool3d(nn.functional.pad(x, pad), k, stride=1)
+        count = nn.functional.avg_pool3d(inside, k, stride=1)
+        return total / count

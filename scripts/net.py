@@ -1,0 +1,176 @@
+"""The random 2.5D U-Net (Angermann & Haltmeier, MLMIR 2019): ``y = T(R(F(U(M(x)))))``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+from scripts.layers import Filtration, FineTuning
+from scripts.operators import Backprojection, Projection
+
+__all__ = ["UNet25D"]
+
+
+class UNet25D(nn.Module):
+    """3D segmentation from 2D convolutions: segment projections, backproject, fine-tune.
+
+    ``M`` projects the volume along ``p`` directions about its z axis (MIP by default),
+    one MONAI 2D ``UNet`` (``U``) shared by all directions segments the projections, a
+    learnable filter ``F`` along the detector and the linear backprojection ``R`` bring
+    the logits back to 3D, and ``T`` (average pooling, per-channel scale and shift,
+    sigmoid) finishes. ``R`` averages over the directions it is given, so the number of
+    directions at inference (``num_directions``, settable after training) may differ from
+    training's: more is better, fewer is faster.
+
+    Random 2.5D training (:meth:`two_paths`, or ``forward(x, num_subset=q)``): path 1
+    segments a fresh random subset of ``q`` directions and trains ``U`` and ``F``
+    (``sigmoid(R_S(F(U(M_S x))))``); path 2 uses all ``p`` directions with ``U`` under
+    ``torch.no_grad()`` and trains ``F`` and ``T``. Memory grows with ``q``, not ``p``.
+
+    Args:
+        in_channels: C, image channels.
+        out_channels: K, output classes (independent sigmoids, multi-label).
+        num_directions: p, directions ``theta_k = k pi / p`` about the z axis.
+        reduction: projection along rays, ``"max"`` (MIP), ``"sum"`` or ``"min"``.
+        channels: feature channels of the 2D U-Net's levels (MONAI ``UNet``).
+        strides: strides between the levels; ``len(strides) == len(channels) - 1``.
+        num_res_units: residual units per level of the 2D U-Net.
+        act: activation of the 2D U-Net.
+        norm: normalisation of the 2D U-Net.
+        dropout: dropout of the 2D U-Net.
+        filter_size: odd length of ``F`` along the detector.
+        filter_per_direction: one filter per direction instead of one shared filter
+            (then inference must use the training's ``num_directions``).
+        filter_init: ``"identity"`` or ``"ramp"``.
+        pool_size: odd window of ``T``'s average pooling.
+
+    Shapes:
+        ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities, for any ``H, W >= 2`` and
+        any ``D``; the projections ``(N_s, D)`` are padded to a multiple of the U-Net's
+        total stride and cropped back. With ``num_subset = q > 0``: ``(B, 2, K, H, W, D)``,
+        index 0 the main path ``y`` and 1 the auxiliary path ``y_aux`` (as MONAI's
+        ``DynUNet`` stacks deep-supervision outputs).
+
+    Examples::
+
+        >>> net = UNet25D(in_channels=1, out_channels=1, num_directions=8, channels=(8, 16, 32), strides=(2, 2))
+        >>> net(torch.rand(1, 1, 33, 40, 21)).shape
+        torch.Size([1, 1, 33, 40, 21])
+        >>> net(torch.rand(1, 1, 33, 40, 21), num_subset=3).shape
+        torch.Size([1, 2, 1, 33, 40, 21])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        num_directions: int = 16,
+        reduction: str = "max",
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        strides: Sequence[int] = (2, 2, 2, 2),
+        num_res_units: int = 2,
+        act: str | tuple = "PRELU",
+        norm: str | tuple = "INSTANCE",
+        dropout: float = 0.0,
+        filter_size: int = 9,
+        filter_per_direction: bool = False,
+        filter_init: str = "identity",
+        pool_size: int = 3,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be at least 1, got {in_channels}, {out_channels}.")
+        if num_directions < 1:
+            raise ValueError(f"num_directions (p) must be at least 1, got {num_directions}.")
+        if len(strides) != len(channels) - 1:
+            raise ValueError("the length of `strides` should equal to `len(channels) - 1`.")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_directions = num_directions
+        divisor = 1
+        for s in strides:
+            divisor *= s
+        self.divisor = divisor
+        self.projection = Projection(reduction)
+        self.unet = UNet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            strides=strides,
+            num_res_units=num_res_units,
+            act=act,
+            norm=norm,
+            dropout=dropout,
+        )
+        self.filtration = Filtration(
+            out_channels, filter_size, num_directions if filter_per_direction else 1, filter_init
+        )
+        self.backprojection = Backprojection()
+        self.fine_tuning = FineTuning(out_channels, pool_size)
+
+    def forward(self, x: torch.Tensor, num_subset: int = 0) -> torch.Tensor:
+        """Probabilities over all directions; with ``num_subset > 0`` both training paths."""
+        self._check_input(x)
+        if num_subset > 0:
+            y_aux, y = self.two_paths(x, num_subset)
+            return torch.stack([y, y_aux], 1)
+        p = self.num_directions
+        h, w = x.shape[2], x.shape[3]
+        q = self.filtration(self.segment(self.projection(x, p)), p)
+        return self.fine_tuning(self.backprojection(q, h, w, p))
+
+    def two_paths(self, x: torch.Tensor, num_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y_aux, y)`` of random 2.5D training, each ``(B, K, H, W, D)``.
+
+        Args:
+            x: the volume, ``(B, C, H, W, D)``.
+            num_subset: q, the size of path 1's random subset of directions, ``1 <= q <= p``
+                (a fresh subset each call, from torch's global random generator).
+        """
+        p = self.num_directions
+        if num_subset < 1 or num_subset > p:
+            raise ValueError(f"num_subset (q) must be between 1 and num_directions (p = {p}), got {num_subset}.")
+        self._check_input(x)
+        h, w = x.shape[2], x.shape[3]
+        order = torch.randperm(p)
+        subset = order[:num_subset].sort().values
+        rest = order[num_subset:].sort().values
+        projections = self.projection(x, p)
+        dirs: list[int] = subset.tolist()
+        logits = self.segment(projections[:, subset.to(x.device)])
+        y_aux = torch.sigmoid(self.backprojection(self.filtration(logits, p, dirs), h, w, p, dirs))
+        # path 2: U frozen; the subset's logits are reused, the other directions run without a graph
+        all_logits = torch.empty(
+            (logits.shape[0], p) + logits.shape[2:], dtype=logits.dtype, device=logits.device
+        )
+        all_logits[:, subset.to(x.device)] = logits.detach()
+        if num_subset < p:
+            with torch.no_grad():
+                all_logits[:, rest.to(x.device)] = self.segment(projections[:, rest.to(x.device)])
+        y = self.fine_tuning(self.backprojection(self.filtration(all_logits, p), h, w, p))
+        return y_aux, y
+
+    def segment(self, projections: torch.Tensor) -> torch.Tensor:
+        """``U`` on every projection: ``(B, p', C, N_s, D) -> (B, p', K, N_s, D)`` logits."""
+        b, p, c, n_s, d = projections.shape
+        images = projections.reshape(b * p, c, n_s, d)
+        pad_s = (-n_s) % self.divisor
+        pad_d = (-d) % self.divisor
+        if pad_s > 0 or pad_d > 0:
+            images = nn.functional.pad(images, [0, pad_d, 0, pad_s], mode="replicate")
+        logits = self.unet(images)[:, :, :n_s, :d]
+        return logits.reshape(b, p, self.out_channels, n_s, d)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5:
+            raise ValueError(f"the input must have shape (B, C, H, W, D), got shape {list(x.shape)}.")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"the network expects {self.in_channels} input channel(s), the input has {x.shape[1]}.")
+        if x.shape[2] < 2 or x.shape[3] < 2 or x.shape[4] < 1:
+            raise ValueError(f"the volume must be at least 2 x 2 x 1 voxels (H x W x D), got {list(x.shape[2:])}.")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the input holds NaN or Inf values.")

@@ -1,0 +1,317 @@
+"""The projection ``M`` and the backprojection ``R`` of the 2.5D U-Net.
+
+Both work on any ``H x W x D`` (odd, non-cubic), any batch and channel count and any
+subset of the ``p`` directions ``theta_k = k * pi / p`` (see ``scripts.geometry``). The
+z axis (last) stays contiguous: the plane is flattened to ``H * W`` rows of whole
+z-columns (batch and channels folded in), so every sample is one row gather, and the
+sampling tables are computed once per shape (cached in eager mode). Work runs in chunks
+of rows small enough to stay in cache, into buffers allocated once per call.
+
+``M`` is not differentiable (its input, the image, needs no gradient). ``R`` is linear,
+has an exact adjoint ``R*`` (:meth:`Backprojection.adjoint`, used as its gradient) and
+runs with plain PyTorch ops when scripted, so an exported model needs no project code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from scripts.geometry import backprojection_table, detector_size, direction_angles, projection_table
+
+__all__ = ["Projection", "Backprojection", "REDUCTIONS", "CHUNK_ELEMENTS"]
+
+REDUCTIONS = ("max", "sum", "min")
+CHUNK_ELEMENTS = 1 << 20  # default working-buffer size: about 4 MB of float32, stays in cache
+
+
+def _select(num_directions: int, directions: list[int] | None) -> list[int]:
+    """The direction indices to use, validated against ``num_directions``."""
+    if num_directions < 1:
+        raise ValueError(f"the number of directions must be at least 1, got {num_directions}.")
+    if directions is None:
+        return list(range(num_directions))
+    if len(directions) == 0:
+        raise ValueError("the subset of directions must not be empty.")
+    for k in directions:
+        if k < 0 or k >= num_directions:
+            raise ValueError(f"direction index {k} is outside 0..{num_directions - 1}.")
+    return directions
+
+
+@lru_cache(maxsize=64)
+def _cached_projection_tables(
+    height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    return [projection_table(height, width, t, device, dtype) for t in direction_angles(num_directions)]
+
+
+@lru_cache(maxsize=64)
+def _cached_backprojection_tables(
+    height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [backprojection_table(height, width, t, device, dtype) for t in direction_angles(num_directions)]
+
+
+@lru_cache(maxsize=64)
+def _cached_adjoint_matrices(
+    height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Per direction, the sparse ``(N_s, H * W)`` transpose of the backprojection weights."""
+    n_s = detector_size(height, width)
+    voxels = torch.arange(height * width, device=device)
+    matrices = []
+    for index, weight in _cached_backprojection_tables(height, width, num_directions, device, dtype):
+        coords = torch.stack([torch.cat([index, index + 1]), torch.cat([voxels, voxels])])
+        values = torch.cat([1 - weight, weight])
+        coo = torch.sparse_coo_tensor(coords, values, (n_s, height * width), check_invariants=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            matrices.append(coo.coalesce().to_sparse_csr())
+    return matrices
+
+
+@torch.jit.unused
+def _eager_projection_tables(
+    height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    return _cached_projection_tables(height, width, num_directions, device, dtype)
+
+
+@torch.jit.unused
+def _eager_backprojection_tables(
+    height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return _cached_backprojection_tables(height, width, num_directions, device, dtype)
+
+
+class Projection(nn.Module):
+    """``M``: parallel projections of a volume about its z axis, batched over directions.
+
+    Each ray of direction ``theta_k`` is sampled where it crosses the voxel rows (bilinear
+    in the H x W plane, see ``scripts.geometry.projection_table``) and reduced along the
+    ray: ``"max"`` (maximum-intensity projection, MIP), ``"sum"`` (ray sum, the Radon
+    transform, samples times the step length) or ``"min"`` (minimum-intensity, for dark
+    vessels). Detector bins that no ray through the volume reaches read the volume's
+    minimum (``"max"``), maximum (``"min"``) or 0 (``"sum"``), per batch item and channel.
+
+    Args:
+        reduction: ``"max"``, ``"sum"`` or ``"min"``.
+        chunk_elements: size of the working buffers (elements); a speed knob only.
+
+    Shapes:
+        ``(B, C, H, W, D) -> (B, p', C, N_s, D)`` with ``p'`` the number of directions
+        used and ``N_s = scripts.geometry.detector_size(H, W)``. ``H, W >= 2``.
+
+    Examples::
+
+        >>> m = Projection("max")
+        >>> m(torch.rand(1, 1, 67, 93, 41), num_directions=8).shape
+        torch.Size([1, 8, 1, 115, 41])
+    """
+
+    def __init__(self, reduction: str = "max", chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; valid ones are {list(REDUCTIONS)}.")
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}.")
+        self.reduction = reduction
+        self.chunk_elements = chunk_elements
+
+    def forward(self, x: torch.Tensor, num_directions: int, directions: list[int] | None = None) -> torch.Tensor:
+        """Project ``x`` along the given directions (all ``num_directions`` by default)."""
+        if x.dim() != 5:
+            raise ValueError(f"the volume must have shape (B, C, H, W, D), got {list(x.shape)}.")
+        dirs = _select(num_directions, directions)
+        b, c, h, w, d = x.shape
+        n_s = detector_size(h, w)
+        if torch.jit.is_scripting():
+            angles = direction_angles(num_directions)
+            tables = [projection_table(h, w, angles[k], x.device, x.dtype) for k in dirs]
+        else:
+            all_tables = _eager_projection_tables(h, w, num_directions, x.device, x.dtype)
+            tables = [all_tables[k] for k in dirs]
+        with torch.no_grad():
+            out = self._project(x, tables, n_s)
+        return out.view(len(dirs), n_s, b, c, d).permute(2, 0, 3, 1, 4).contiguous()
+
+    def _project(
+        self,
+        x: torch.Tensor,
+        tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]],
+        n_s: int,
+    ) -> torch.Tensor:
+        b, c, h, w, d = x.shape
+        e = b * c * d
+        # plane voxels as rows of whole z-columns: a view, no copy, when B * C == 1
+        plane = x.permute(2, 3, 0, 1, 4).reshape(h * w, e)
+        per_channel = x.reshape(b, c, -1)
+        if self.reduction == "max":
+            fill = per_channel.amin(-1)
+        elif self.reduction == "min":
+            fill = per_channel.amax(-1)
+        else:
+            fill = torch.zeros(b, c, dtype=x.dtype, device=x.device)
+        fill = fill[:, :, None].expand(b, c, d).reshape(1, e)
+        out = torch.empty(len(tables), n_s, e, dtype=x.dtype, device=x.device)
+        rows = max(1, self.chunk_elements // (n_s * e))
+        first_buf = torch.empty(rows * n_s, e, dtype=x.dtype, device=x.device)
+        second_buf = torch.empty(rows * n_s, e, dtype=x.dtype, device=x.device)
+        partial = torch.empty(n_s, e, dtype=x.dtype, device=x.device)
+        for k, (first, second, weight, inside, step) in enumerate(tables):
+            acc = out[k]
+            for r0 in range(0, first.shape[0], rows):
+                i0 = first[r0 : r0 + rows].reshape(-1)
+                n = i0.shape[0]
+                a = torch.index_select(plane, 0, i0, out=first_buf[:n])
+                bb = torch.index_select(plane, 0, second[r0 : r0 + rows].reshape(-1), out=second_buf[:n])
+                torch.lerp(a, bb, weight[r0 : r0 + rows].reshape(-1, 1), out=a)
+                torch.where(inside[r0 : r0 + rows].reshape(-1, 1), a, fill, out=a)
+                samples = a.view(-1, n_s, e)
+                target = acc if r0 == 0 else partial
+                if self.reduction == "max":
+                    torch.amax(samples, [0], False, out=target)
+                    if r0 > 0:
+                        torch.maximum(acc, partial, out=acc)
+                elif self.reduction == "min":
+                    torch.amin(samples, [0], False, out=target)
+                    if r0 > 0:
+                        torch.minimum(acc, partial, out=acc)
+                else:
+                    torch.sum(samples, [0], False, out=target)
+                    if r0 > 0:
+                        acc.add_(partial)
+            if self.reduction == "sum":
+                acc.mul_(step)
+        return out
+
+
+def _backproject(
+    q: torch.Tensor,
+    tables: list[tuple[torch.Tensor, torch.Tensor]],
+    height: int,
+    width: int,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """``R`` itself: ``(B, p', K, N_s, D) -> (B, K, H, W, D)``, no autograd."""
+    b, p, k, n_s, d = q.shape
+    e = b * k * d
+    detector = q.permute(1, 3, 0, 2, 4).reshape(p, n_s, e)
+    pairs = [detector[j].as_strided([n_s - 1, 2 * e], [e, 1]) for j in range(p)]
+    voxels = height * width
+    out = torch.empty(voxels, e, dtype=q.dtype, device=q.device)
+    rows = max(1, chunk_elements // e)
+    gathered = torch.empty(rows, 2 * e, dtype=q.dtype, device=q.device)
+    sampled = torch.empty(rows, e, dtype=q.dtype, device=q.device)
+    for r0 in range(0, voxels, rows):
+        acc = out[r0 : r0 + rows]
+        n = acc.shape[0]
+        for j, (index, weight) in enumerate(tables):
+            g = torch.index_select(pairs[j], 0, index[r0 : r0 + rows], out=gathered[:n])
+            w = weight[r0 : r0 + rows].reshape(-1, 1)
+            if j == 0:
+                torch.lerp(g[:, :e], g[:, e:], w, out=acc)
+            else:
+                acc.add_(torch.lerp(g[:, :e], g[:, e:], w, out=sampled[:n]))
+    out.mul_(1.0 / p)
+    return out.view(height, width, b, k, d).permute(2, 3, 0, 1, 4).contiguous()
+
+
+def _adjoint(v: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
+    """``R*``: ``(B, K, H, W, D) -> (B, p', K, N_s, D)``, the transpose of :func:`_backproject`."""
+    b, k, h, w, d = v.shape
+    columns = v.permute(2, 3, 0, 1, 4).reshape(h * w, b * k * d)
+    out = torch.stack([m @ columns for m in matrices]) * (1.0 / len(matrices))
+    return out.view(len(matrices), -1, b, k, d).permute(2, 0, 3, 1, 4).contiguous()
+
+
+class _BackprojectionFunction(torch.autograd.Function):
+    """Autograd of ``R``: the gradient of a linear map is its adjoint."""
+
+    @staticmethod
+    def forward(ctx, q, tables, matrices, height, width):  # type: ignore[override]
+        ctx.matrices = matrices
+        return _backproject(q, tables, height, width)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        return _adjoint(grad.contiguous(), ctx.matrices), None, None, None, None
+
+
+@torch.jit.unused
+def _backproject_with_grad(
+    q: torch.Tensor, height: int, width: int, num_directions: int, dirs: list[int]
+) -> torch.Tensor:
+    tables = _cached_backprojection_tables(height, width, num_directions, q.device, q.dtype)
+    matrices = _cached_adjoint_matrices(height, width, num_directions, q.device, q.dtype)
+    return _BackprojectionFunction.apply(
+        q, [tables[k] for k in dirs], [matrices[k] for k in dirs], height, width
+    )
+
+
+class Backprojection(nn.Module):
+    """``R``: linear backprojection, averaged over the directions it is given.
+
+    Each voxel ``(u, v, z)`` reads every filtered projection ``q_k`` at its detector
+    position ``s = -(u - c_u) sin theta_k + (v - c_v) cos theta_k`` (linear interpolation
+    between the two nearest bins) and row ``z``, and the readings are averaged over the
+    ``p'`` directions given. Because it averages, ``p'`` may differ from the ``p`` a
+    network was trained with. The adjoint ``R*`` is exact (the transposed weights), and
+    it is the gradient of ``R`` in training (eager mode; scripted, ``R`` is inference only).
+
+    Shapes:
+        ``(B, p', K, N_s, D) -> (B, K, H, W, D)``; ``N_s`` must equal
+        ``scripts.geometry.detector_size(H, W)``.
+
+    Examples::
+
+        >>> r = Backprojection()
+        >>> r(torch.rand(1, 4, 2, 115, 41), 67, 93, num_directions=8, directions=[0, 2, 5, 7]).shape
+        torch.Size([1, 2, 67, 93, 41])
+    """
+
+    def forward(
+        self, q: torch.Tensor, height: int, width: int, num_directions: int, directions: list[int] | None = None
+    ) -> torch.Tensor:
+        """Backproject ``q``, whose direction axis holds the given directions (all by default)."""
+        dirs = self._check(q, height, width, num_directions, directions)
+        if torch.jit.is_scripting():
+            angles = direction_angles(num_directions)
+            tables = [backprojection_table(height, width, angles[k], q.device, q.dtype) for k in dirs]
+            # a scripted (exported) network is for inference: R carries no gradient there
+            with torch.no_grad():
+                out = _backproject(q, tables, height, width)
+            return out
+        if torch.is_grad_enabled() and q.requires_grad:
+            return _backproject_with_grad(q, height, width, num_directions, dirs)
+        tables = _eager_backprojection_tables(height, width, num_directions, q.device, q.dtype)
+        return _backproject(q, [tables[k] for k in dirs], height, width)
+
+    @torch.jit.unused
+    def adjoint(self, v: torch.Tensor, num_directions: int, directions: list[int] | None = None) -> torch.Tensor:
+        """``R*``: ``(B, K, H, W, D) -> (B, p', K, N_s, D)``, with ``<R q, v> = <q, R* v>``."""
+        if v.dim() != 5:
+            raise ValueError(f"the volume must have shape (B, K, H, W, D), got {list(v.shape)}.")
+        dirs = _select(num_directions, directions)
+        h, w = v.shape[2], v.shape[3]
+        matrices = _cached_adjoint_matrices(h, w, num_directions, v.device, v.dtype)
+        return _adjoint(v.contiguous(), [matrices[k] for k in dirs])
+
+    @staticmethod
+    def _check(
+        q: torch.Tensor, height: int, width: int, num_directions: int, directions: list[int] | None
+    ) -> list[int]:
+        if q.dim() != 5:
+            raise ValueError(f"the projections must have shape (B, p, K, N_s, D), got {list(q.shape)}.")
+        dirs = _select(num_directions, directions)
+        if q.shape[1] != len(dirs):
+            raise ValueError(f"the projections hold {q.shape[1]} directions but {len(dirs)} were given.")
+        n_s = detector_size(height, width)
+        if q.shape[3] != n_s:
+            raise ValueError(f"an {height} x {width} plane needs {n_s} detector bins, the projections have {q.shape[3]}.")
+        return dirs

@@ -1,0 +1,79 @@
+"""Random 2.5D training from an ignite/MONAI trainer: the batch preparation and one step.
+
+MONAI's ``SupervisedTrainer`` calls ``network(image, *args, **kwargs)`` with what its
+``prepare_batch`` returns; :class:`TwoPathPrepareBatch` adds ``num_subset=q`` so that the
+two paths run through the network's own ``forward`` (the one DistributedDataParallel
+wraps, which is what keeps gradients synchronised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.engines import PrepareBatch, default_prepare_batch
+
+__all__ = ["TwoPathPrepareBatch", "main_path", "train_step"]
+
+
+class TwoPathPrepareBatch(PrepareBatch):
+    """``prepare_batch`` of a MONAI trainer for random 2.5D training.
+
+    Args:
+        num_subset: q, the number of directions of path 1 (drawn afresh each step).
+    """
+
+    def __init__(self, num_subset: int) -> None:
+        if num_subset < 1:
+            raise ValueError(f"num_subset (q) must be at least 1, got {num_subset}.")
+        self.num_subset = num_subset
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        return image, label, (), {"num_subset": self.num_subset}
+
+
+def main_path(prediction: torch.Tensor) -> torch.Tensor:
+    """The main path ``y`` of a two-path prediction: ``(B, 2, K, ...) -> (B, K, ...)``.
+
+    For training metrics (e.g. in a ``postprocessing`` ``Lambdad``); a plain prediction
+    passes through unchanged. Works on a batch and, for decollated items, on
+    ``(2, K, H, W, D)`` when ``batched=False``.
+    """
+    return prediction[:, 0] if prediction.dim() == 6 else prediction
+
+
+def train_step(
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    label: torch.Tensor,
+    num_subset: int,
+) -> float:
+    """One random 2.5D step outside a trainer (scripts, benchmarks): both paths, one update.
+
+    Args:
+        network: a ``UNet25D`` (or a DDP wrapper of one).
+        optimizer: over the network's parameters.
+        loss_function: e.g. ``TwoPathDiceLoss``.
+        image: ``(B, C, H, W, D)``.
+        label: ``(B, K, H, W, D)``.
+        num_subset: q.
+
+    Returns:
+        the loss value.
+    """
+    network.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_function(network(image, num_subset=num_subset), label)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

@@ -1,0 +1,60 @@
+"""The filtration F and the fine-tuning layer T."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parameterized import parameterized
+
+from scripts.layers import Filtration, FineTuning
+
+
+@parameterized.expand([[1, 9, 1], [3, 5, 1], [2, 7, 6], [1, 1, 4]])
+def test_filtration_starts_as_identity(k, size, p_filters):
+    f = Filtration(k, size, p_filters)
+    q = torch.rand(2, p_filters, k, 31, 7)
+    assert torch.allclose(f(q, p_filters), q)
+
+
+def test_filtration_per_direction_subset():
+    f = Filtration(2, 5, 6)
+    with torch.no_grad():
+        f.weight.copy_(torch.randn_like(f.weight))
+    q = torch.rand(1, 6, 2, 20, 3)
+    full = f(q, 6)
+    assert torch.allclose(f(q[:, [1, 4]], 6, [1, 4]), full[:, [1, 4]], atol=1e-6)
+    with pytest.raises(ValueError):
+        f(q[:, :4], 4)
+
+
+def test_ramp_filter_removes_the_mean():
+    """The ramp filter is a high-pass: a constant projection (away from the borders) maps to about 0."""
+    f = Filtration(1, 31, init="ramp")
+    out = f(torch.ones(1, 1, 1, 101, 1), 1)[0, 0, 0, 40:60, 0]
+    assert out.abs().max() < 0.1
+
+
+@parameterized.expand([[dict(channels=1, kernel_size=4)], [dict(channels=0)], [dict(channels=1, init="hann")]])
+def test_filtration_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        Filtration(**kwargs)
+
+
+@parameterized.expand([[1, (9, 10, 11)], [3, (4, 5, 2)], [2, (1, 1, 1)]])
+def test_fine_tuning_shape_and_range(k, spatial):
+    t = FineTuning(k)
+    out = t(torch.randn(2, k, *spatial) * 10)
+    assert out.shape == (2, k, *spatial)
+    assert (out >= 0).all() and (out <= 1).all()
+
+
+def test_fine_tuning_pools_only_inside():
+    """Border windows average voxels inside only: a constant stays constant up to the border."""
+    t = FineTuning(1)
+    out = t(torch.full((1, 1, 5, 6, 7), 2.0))
+    assert torch.allclose(out, torch.sigmoid(torch.tensor(2.0)).expand_as(out))
+
+
+def test_fine_tuning_bad_kernel():
+    with pytest.raises(ValueError):
+        FineTuning(1, kernel_size=2)

@@ -1,0 +1,172 @@
+"""UNet25D: shapes, two paths and their gradients, TorchScript, bad input, and a real overfit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.networks import eval_mode
+from parameterized import parameterized
+
+from scripts.losses import TwoPathDiceLoss
+from scripts.net import UNet25D
+from scripts.training import train_step
+
+TINY = dict(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+
+CASES = []
+for in_channels, out_channels in ((1, 1), (2, 3)):
+    for p in (1, 4, 7):
+        for spatial in ((16, 16, 16), (67, 93, 41), (9, 14, 3), (2, 2, 1)):
+            CASES.append([dict(in_channels=in_channels, out_channels=out_channels, num_directions=p, **TINY), spatial])
+
+
+@parameterized.expand(CASES)
+def test_shape_and_range(kwargs, spatial):
+    net = UNet25D(**kwargs)
+    x = torch.rand(2, kwargs["in_channels"], *spatial)
+    with eval_mode(net):
+        y = net(x)
+    assert y.shape == (2, kwargs["out_channels"], *spatial)
+    assert (y >= 0).all() and (y <= 1).all()
+
+
+@parameterized.expand([["max"], ["sum"], ["min"]])
+def test_two_paths_shapes(reduction):
+    net = UNet25D(num_directions=6, reduction=reduction, out_channels=2, **TINY)
+    x = torch.rand(1, 1, 21, 18, 11)
+    y_aux, y = net.two_paths(x, 3)
+    assert y_aux.shape == y.shape == (1, 2, 21, 18, 11)
+    stacked = net(x, num_subset=3)
+    assert stacked.shape == (1, 2, 2, 21, 18, 11)
+
+
+def test_directions_at_inference_may_differ():
+    net = UNet25D(num_directions=4, **TINY)
+    x = torch.rand(1, 1, 20, 20, 8)
+    state = net.state_dict()
+    more = UNet25D(num_directions=12, **TINY)
+    more.load_state_dict(state)
+    with eval_mode(net, more):
+        assert more(x).shape == net(x).shape
+
+
+def test_subset_is_fresh_each_step():
+    net = UNet25D(num_directions=16, **TINY)
+    x = torch.rand(1, 1, 12, 12, 4)
+    outputs = [net.two_paths(x, 2)[0] for _ in range(4)]
+    assert any(not torch.allclose(outputs[0], o) for o in outputs[1:])
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def test_path_two_alone_gives_unet_no_gradient():
+    net = UNet25D(num_directions=6, **TINY)
+    x = torch.rand(1, 1, 17, 15, 8)
+    _, y = net.two_paths(x, 2)
+    y.sum().backward()
+    assert all(g is None for g in _grads(net.unet))
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(net.filtration) + _grads(net.fine_tuning))
+
+
+def test_path_one_alone_gives_fine_tuning_no_gradient():
+    net = UNet25D(num_directions=6, **TINY)
+    x = torch.rand(1, 1, 17, 15, 8)
+    y_aux, _ = net.two_paths(x, 2)
+    y_aux.sum().backward()
+    assert all(g is None for g in _grads(net.fine_tuning))
+    assert all(g is not None for g in _grads(net.unet) + _grads(net.filtration))
+
+
+def test_full_step_changes_unet_filter_and_fine_tuning():
+    net = UNet25D(num_directions=6, **TINY)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(1, 1, 17, 15, 8)
+    label = (x > 0.7).float()
+    train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), TwoPathDiceLoss(), x, label, num_subset=3)
+    after = net.state_dict()
+    for part in ("unet.", "filtration.", "fine_tuning."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
+
+
+@parameterized.expand([[dict(num_directions=5, **TINY)], [dict(num_directions=3, filter_per_direction=True, out_channels=2, **TINY)]])
+def test_torchscript_matches_eager(kwargs):
+    net = UNet25D(**kwargs)
+    x = torch.rand(1, 1, 23, 19, 10)
+    with eval_mode(net):
+        scripted = torch.jit.script(net)
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
+        other = torch.rand(1, 1, 15, 30, 7)  # the scripted model takes any size
+        assert torch.allclose(scripted(other), net(other), atol=1e-5)
+
+
+@parameterized.expand(
+    [
+        ["rank", torch.rand(1, 8, 8, 8)],
+        ["channels", torch.rand(1, 2, 8, 8, 8)],
+        ["nan", torch.full((1, 1, 8, 8, 8), float("nan"))],
+        ["inf", torch.full((1, 1, 8, 8, 8), float("inf"))],
+        ["too small", torch.rand(1, 1, 1, 8, 8)],
+    ]
+)
+def test_bad_input_raises(_, x):
+    net = UNet25D(num_directions=4, **TINY)
+    with pytest.raises(ValueError):
+        net(x)
+
+
+@parameterized.expand(
+    [
+        [dict(num_directions=0)],
+        [dict(channels=(4, 8), strides=(2, 2))],
+        [dict(reduction="mean")],
+        [dict(filter_size=4)],
+        [dict(in_channels=0)],
+    ]
+)
+def test_bad_hyper_parameters_raise(kwargs):
+    with pytest.raises(ValueError):
+        UNet25D(**kwargs)
+
+
+@parameterized.expand([[0], [5]])
+def test_bad_subset_size_raises(q):
+    net = UNet25D(num_directions=4, **TINY)
+    with pytest.raises(ValueError):
+        net.two_paths(torch.rand(1, 1, 8, 8, 8), q)
+
+
+def _vessel_volume(n: int = 32):
+    """A small branching vessel (three tubes meeting at a bifurcation) in noise."""
+    grid = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).astype(float)
+
+    def tube(a, b, radius):
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        t = np.clip(((grid - a) @ (b - a)) / ((b - a) @ (b - a)), 0, 1)
+        return np.linalg.norm(grid - (a + t[..., None] * (b - a)), axis=-1) < radius
+
+    label = tube((4, 5, 3), (26, 20, 28), 3.0) | tube((15, 12, 15), (6, 28, 25), 2.4) | tube((15, 12, 15), (28, 6, 8), 2.0)
+    image = 0.2 + 0.6 * label + 0.05 * np.random.default_rng(0).standard_normal(label.shape)
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)[None, None]  # noqa: E731
+    return as_tensor(image), as_tensor(label)
+
+
+def test_overfits_one_vessel_volume():
+    """A real learning test: random 2.5D training reaches Dice > 0.9 on one 32^3 vessel volume."""
+    image, label = _vessel_volume()
+    net = UNet25D(num_directions=16, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    steps = 300
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    loss = TwoPathDiceLoss()
+    best = 0.0
+    for step in range(steps):
+        train_step(net, optimizer, loss, image, label, num_subset=8)
+        scheduler.step()
+        if step % 25 == 24:
+            with eval_mode(net):
+                prediction = (net(image) > 0.5).float()
+            best = max(best, float(2 * (prediction * label).sum() / (prediction.sum() + label.sum())))
+    assert best > 0.9

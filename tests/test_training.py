@@ -1,0 +1,72 @@
+"""The two-path loss and the training step inside a real MONAI SupervisedTrainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.engines import SupervisedTrainer
+from monai.losses import DiceLoss
+from parameterized import parameterized
+
+from scripts.losses import TwoPathDiceLoss
+from scripts.net import UNet25D
+from scripts.training import TwoPathPrepareBatch, main_path
+
+
+@parameterized.expand([[1.0, 1], [0.5, 1], [2.0, 3]])
+def test_two_path_loss_is_aux_plus_lambda_main(weight, k):
+    target = (torch.rand(2, k, 6, 7, 5) > 0.5).float()
+    main, aux = torch.rand(2, k, 6, 7, 5), torch.rand(2, k, 6, 7, 5)
+    dice = DiceLoss(sigmoid=False)
+    loss = TwoPathDiceLoss(main_weight=weight)(torch.stack([main, aux], 1), target)
+    assert torch.allclose(loss, dice(aux, target) + weight * dice(main, target))
+
+
+def test_plain_prediction_gets_plain_dice():
+    target = (torch.rand(1, 1, 5, 5, 5) > 0.5).float()
+    pred = torch.rand(1, 1, 5, 5, 5)
+    assert torch.allclose(TwoPathDiceLoss()(pred, target), DiceLoss()(pred, target))
+
+
+def test_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        TwoPathDiceLoss()(torch.rand(1, 3, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError):
+        TwoPathDiceLoss(main_weight=-1.0)
+
+
+def test_main_path_selects_index_zero():
+    pred = torch.rand(2, 2, 1, 4, 4, 4)
+    assert torch.equal(main_path(pred), pred[:, 0])
+    assert torch.equal(main_path(pred[:, 0]), pred[:, 0])
+
+
+def test_prepare_batch_passes_num_subset():
+    batch = {"image": torch.rand(1, 1, 4, 4, 4), "label": torch.rand(1, 1, 4, 4, 4)}
+    image, label, args, kwargs = TwoPathPrepareBatch(3)(batch)
+    assert args == () and kwargs == {"num_subset": 3}
+    with pytest.raises(ValueError):
+        TwoPathPrepareBatch(0)
+
+
+def test_supervised_trainer_runs_random_two_path_steps():
+    """Two epochs of a real MONAI SupervisedTrainer: the network's forward runs both paths."""
+    net = UNet25D(num_directions=6, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+    image = torch.rand(1, 1, 15, 13, 9)
+    data = [{"image": image, "label": (image > 0.6).float()}]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-2),
+        loss_function=TwoPathDiceLoss(),
+        prepare_batch=TwoPathPrepareBatch(2),
+        decollate=False,
+    )
+    trainer.run()
+    assert trainer.state.output["pred"].shape == (1, 2, 1, 15, 13, 9)
+    assert 0 < trainer.state.output["loss"] <= 2
+    after = net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
