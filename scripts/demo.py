@@ -1,0 +1,152 @@
+"""The bundle end to end in a few minutes on a CPU: data, training, evaluation, inference, export.
+
+Every step runs the bundle's own configs through ``monai.bundle`` (the same workflows as the
+command lines in ``docs/bundle.md``), with a few overrides that make training short:
+
+1. synthetic TOF-MRA cases in ``data/synthetic`` (:mod:`scripts.synthetic`; kept if present),
+2. training (``configs/train.json``, ``run training``) -> ``models/model.pt``,
+3. evaluation on the test cases (``train.json`` + ``evaluate.json``) -> Dice, clDice, HD95 CSVs,
+4. inference on the test cases (``configs/inference.json``) -> ``<case>_seg.nii.gz``,
+5. TorchScript export (``ckpt_export``) -> ``models/model.ts``,
+6. MIP previews of every test image with its segmentation (:mod:`scripts.preview`).
+
+Command line, from the bundle root::
+
+    python -m scripts.demo
+    python -m scripts.demo --epochs 60 --output_dir eval/demo_long
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import fire
+
+__all__ = ["run_demo"]
+
+logger = logging.getLogger("scripts.demo")
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _step(title: str) -> float:
+    logger.info("=" * 20 + " %s " + "=" * 20, title)
+    return time.time()
+
+
+def _config(name: str) -> str:
+    return os.path.join(BUNDLE_ROOT, "configs", name)
+
+
+def run_demo(
+    dataset_dir: str = "data/synthetic",
+    output_dir: str = "eval/demo",
+    ckpt_dir: str = "eval/demo/models",
+    num_cases: int = 12,
+    size: int = 64,
+    seed: int = 0,
+    epochs: int = 30,
+    val_interval: int = 5,
+    num_workers: int = 2,
+) -> dict[str, str]:
+    """Generate data, train, evaluate, segment, export and preview; returns where the results are.
+
+    Args:
+        dataset_dir: the synthetic dataset (written if it has no ``dataset.json``), relative to
+            the bundle root unless absolute.
+        output_dir: where metrics, segmentations and previews go.
+        ckpt_dir: where ``model.pt`` and ``model.ts`` go (not ``models/``, so that the shipped
+            default model is never overwritten by the short demo training).
+        num_cases: synthetic cases to generate (val and test get 20 % each).
+        size: the synthetic volumes' size in voxels along each axis (before resampling).
+        seed: the synthetic data's seed.
+        epochs: training epochs (short: this is a demo, not a trained model).
+        val_interval: validate (and keep the best checkpoint) every this many epochs.
+        num_workers: data loader processes.
+    """
+    from monai.bundle import ckpt_export
+    from monai.bundle import run as bundle_run
+
+    from scripts.data import inference_datalist
+    from scripts.preview import save_mip_preview
+    from scripts.synthetic import write_dataset
+
+    start = time.time()
+    paths = {k: v if os.path.isabs(v) else os.path.join(BUNDLE_ROOT, v) for k, v in
+             {"dataset": dataset_dir, "output": output_dir, "ckpt": ckpt_dir}.items()}
+    metrics_dir = os.path.join(paths["output"], "metrics")
+    seg_dir = os.path.join(paths["output"], "segmentations")
+    preview_dir = os.path.join(paths["output"], "previews")
+    checkpoint, torchscript = os.path.join(paths["ckpt"], "model.pt"), os.path.join(paths["ckpt"], "model.ts")
+    common = {
+        "bundle_root": BUNDLE_ROOT,
+        "meta_file": _config("metadata.json"),
+        "logging_file": _config("logging.conf"),
+        "dataset_dir": paths["dataset"],
+        "ckpt_dir": paths["ckpt"],
+        "num_workers": num_workers,
+    }
+
+    t = _step("1/6 synthetic data")
+    if os.path.isfile(os.path.join(paths["dataset"], "dataset.json")):
+        logger.info("using the existing dataset in %s", paths["dataset"])
+    else:
+        write_dataset(paths["dataset"], num_cases=num_cases, seed=seed, size=size, val_fraction=0.2,
+                      test_fraction=0.2, num_workers=max(1, num_workers))
+    logger.info("step done in %.0f s", time.time() - t)
+
+    t = _step(f"2/6 training, {epochs} epochs (configs/train.json)")
+    bundle_run("training", config_file=_config("train.json"), output_dir=metrics_dir, epochs=epochs,
+               val_interval=val_interval, **common)
+    logger.info("step done in %.0f s", time.time() - t)
+
+    t = _step("3/6 evaluation on the test cases (configs/evaluate.json)")
+    bundle_run("evaluating", config_file=[_config("train.json"), _config("evaluate.json")], output_dir=metrics_dir,
+               eval_split="test", **common)
+    logger.info("step done in %.0f s", time.time() - t)
+
+    t = _step("4/6 inference on the test cases (configs/inference.json)")
+    bundle_run("inference", config_file=_config("inference.json"), output_dir=seg_dir, **common)
+    logger.info("step done in %.0f s", time.time() - t)
+
+    t = _step("5/6 TorchScript export (ckpt_export)")
+    ckpt_export("network_def", filepath=torchscript, ckpt_file=checkpoint, meta_file=_config("metadata.json"),
+                config_file=_config("inference.json"), bundle_root=BUNDLE_ROOT)
+    logger.info("step done in %.0f s", time.time() - t)
+
+    t = _step("6/6 MIP previews of the test cases with their segmentations")
+    from scripts.data import case_name
+
+    previews = []
+    for entry in inference_datalist(paths["dataset"], check=False):
+        name = case_name(entry["image"])
+        seg = os.path.join(seg_dir, f"{name}_seg.nii.gz")
+        out = os.path.join(preview_dir, f"{name}.png")
+        previews.append(save_mip_preview(entry["image"], seg, out_path=out, title=f"{name}: image and segmentation"))
+    logger.info("step done in %.0f s", time.time() - t)
+
+    results = {
+        "dataset": paths["dataset"],
+        "checkpoint": checkpoint,
+        "torchscript": torchscript,
+        "metrics": os.path.join(metrics_dir, "metrics.csv"),
+        "metrics per case": os.path.join(metrics_dir, "val_mean_dice_raw.csv (and val_cldice_*, val_hd95_*)"),
+        "segmentations": seg_dir,
+        "previews": preview_dir,
+    }
+    width = max(len(k) for k in results)
+    summary = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in results.items())
+    logger.info("demo finished in %.0f s; results:\n%s\n  %s  %d file(s)", time.time() - start, summary,
+                "previews".ljust(width), len(previews))
+    return results
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    fire.Fire(run_demo, name="scripts.demo", serialize=lambda results: None)
+
+
+if __name__ == "__main__":
+    main()
