@@ -15,6 +15,7 @@ large negative eigenvalues) from a plate or a blob; the vesselness is the maximu
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -249,6 +250,7 @@ def fit(
 
     Images get the bundle's intensity normalisation (percentiles ``lower``-``upper`` to
     ``[0, 1]``, clipped); labels are binarised (``> 0``); spacings come from the affines.
+    ``out``'s folder is created if missing.
     """
     from monai.data import load_decathlon_datalist
     from monai.data.utils import affine_to_spacing
@@ -271,6 +273,7 @@ def fit(
         "train_mean_dice": segmenter.train_dice,
         "num_cases": len(cases),
     }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     return result
