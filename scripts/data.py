@@ -2,12 +2,25 @@
 
 Layouts read by :func:`load_datalist` (training, validation, evaluation), in this order:
 
-1. ``DIR/dataset.json``, a decathlon-style datalist: ``"training"`` (and optionally
-   ``"validation"`` and ``"test"``) lists of ``{"image": ..., "label": ...}`` entries
-   (``"test"`` may also list plain image paths), relative to ``DIR`` or absolute.
-2. ``DIR/imagesTr`` and ``DIR/labelsTr``: images and labels matched by case name, the file
-   name without its suffix (``case_001.nii.gz`` meets ``case_001.nrrd``); ``DIR/imagesTs``
-   images, if any, are the test list.
+1. ``DIR/dataset.json``, a decathlon-style datalist (Medical Segmentation Decathlon, nnU-Net
+   v1): ``"training"`` (and optionally ``"validation"`` and ``"test"``) lists of
+   ``{"image": ..., "label": ...}`` entries (``"test"`` may also list plain image paths),
+   relative to ``DIR`` (``./imagesTr/x.nii.gz`` too) or absolute. A listed image that is
+   missing but exists with nnU-Net's channel suffix (``x_0000.nii.gz``) is that file.
+2. ``DIR/dataset.json`` of an nnU-Net v2 raw dataset (``"file_ending"``, ``"channel_names"``,
+   ``"labels"``, ``"numTraining"``, no ``"training"`` list): images
+   ``imagesTr/<case>_0000<file_ending>``, labels ``labelsTr/<case><file_ending>``, test images
+   ``imagesTs/<case>_0000<file_ending>``, or the files its ``"dataset"`` entry names.
+3. Plain folders ``DIR/imagesTr`` and ``DIR/labelsTr`` (else ``DIR/images`` with ``DIR/labels``
+   or ``DIR/masks``): images and labels matched by case name, the file name without its
+   suffix (``case_001.nii.gz`` meets ``case_001.nrrd``), or without nnU-Net's channel suffix
+   (``case_001_0000.nii.gz`` meets ``case_001.nii.gz``); ``DIR/imagesTs`` images, if any, are
+   the test list.
+
+The bundle reads single-channel images: a case with several channel files (``_0000``,
+``_0001``, ...) or an nnU-Net ``channel_names`` with several entries is an error naming the case.
+Labels may hold several classes; which of them the network learns is ``label_classes`` in the
+configs (``scripts.transforms``), not a matter of the layout.
 
 Without a ``"validation"`` list the last ``val_fraction`` of the training cases, sorted by
 name (at least one, while one training case is left), are held out for validation.
@@ -27,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SPLITS = ("training", "validation", "test")
+# plain-folder layouts, in the order tried: (images, labels, test images)
+FOLDER_LAYOUTS = (("imagesTr", "labelsTr", "imagesTs"), ("images", "labels", None), ("images", "masks", None))
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's <case>_XXXX
 
 
 class DatasetError(ValueError):
@@ -135,6 +152,11 @@ def check_image(path: str) -> tuple[tuple[int, ...], np.ndarray]:
         DatasetError: unreadable, or not 3D (2D, 4D, vector voxels, or a single slice).
     """
     shape, affine = read_header(path)
+    if len(shape) == 4:
+        raise DatasetError(
+            f"{path} is not a 3D volume: its shape is {list(shape)} (4D, several channels or time points, as in "
+            "multi-modal MSD tasks); the bundle reads single-channel 3D images."
+        )
     if len(shape) != 3:
         raise DatasetError(f"{path} is not a 3D volume: its shape is {list(shape)} ({len(shape)}D).")
     if min(shape) < 2:
@@ -171,13 +193,50 @@ def _resolve(dataset_dir: str, path: str) -> str:
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(dataset_dir, path))
 
 
-def _entries_from_json(dataset_dir: str, json_path: str) -> dict[str, list[dict]]:
+def _channels_error(case: str, files: Sequence[str], where: str) -> DatasetError:
+    names = ", ".join(os.path.basename(f) for f in files)
+    return DatasetError(
+        f"the case {case} in {where} has {len(files)} image files ({names}), e.g. one per channel; the bundle "
+        "reads one single-channel image per case (in_channels 1): keep one of them."
+    )
+
+
+def _with_channel_suffix(path: str) -> str:
+    """``path``, or the nnU-Net file ``<case>_0000<suffix>`` if only that exists (nnU-Net v1 datalists)."""
+    if os.path.exists(path):
+        return path
+    name = case_name(path)
+    suffix = os.path.basename(path)[len(name) :]
+    first = os.path.join(os.path.dirname(path), f"{name}_0000{suffix}")
+    if not os.path.isfile(first):
+        return path
+    second = os.path.join(os.path.dirname(path), f"{name}_0001{suffix}")
+    if os.path.isfile(second):
+        raise _channels_error(name, [first, second], os.path.dirname(path))
+    return first
+
+
+def _read_json(json_path: str) -> dict:
     try:
         with open(json_path) as f:
             content = json.load(f)
     except (OSError, ValueError) as error:
         raise DatasetError(f"cannot read the datalist {json_path}: {error}") from error
-    if not isinstance(content, dict) or not isinstance(content.get("training", []), list):
+    if not isinstance(content, dict):
+        raise DatasetError(f"the datalist {json_path} must be a JSON object with a 'training' list.")
+    return content
+
+
+def _is_nnunet(content: dict) -> bool:
+    """An nnU-Net v2 raw dataset's dataset.json: metadata and no file lists."""
+    return "training" not in content and ("file_ending" in content or "channel_names" in content)
+
+
+def _entries_from_json(dataset_dir: str, json_path: str) -> dict[str, list[dict]]:
+    content = _read_json(json_path)
+    if _is_nnunet(content):
+        return _entries_from_nnunet(dataset_dir, json_path, content)
+    if not isinstance(content.get("training", []), list):
         raise DatasetError(f"the datalist {json_path} must be a JSON object with a 'training' list.")
     lists: dict[str, list[dict]] = {}
     for split in SPLITS:
@@ -187,7 +246,7 @@ def _entries_from_json(dataset_dir: str, json_path: str) -> dict[str, list[dict]
                 item = {"image": item}
             if not isinstance(item, dict) or "image" not in item:
                 raise DatasetError(f"an entry of '{split}' in {json_path} has no 'image': {item!r}.")
-            entry = {"image": _resolve(dataset_dir, item["image"])}
+            entry = {"image": _with_channel_suffix(_resolve(dataset_dir, item["image"]))}
             if item.get("label"):
                 entry["label"] = _resolve(dataset_dir, item["label"])
             entries.append(entry)
@@ -195,23 +254,111 @@ def _entries_from_json(dataset_dir: str, json_path: str) -> dict[str, list[dict]
     return lists
 
 
-def _entries_from_folders(dataset_dir: str) -> dict[str, list[dict]]:
-    images_dir, labels_dir = os.path.join(dataset_dir, "imagesTr"), os.path.join(dataset_dir, "labelsTr")
-    if not os.path.isdir(images_dir):
-        raise DatasetNotFoundError(
-            f"{dataset_dir} has neither a dataset.json nor an imagesTr folder: no training cases found."
+def _nnunet_file_ending(json_path: str, content: dict) -> str:
+    ending = content.get("file_ending")
+    if not isinstance(ending, str) or not ending:
+        raise DatasetError(f"the nnU-Net dataset.json {json_path} has no 'file_ending' (e.g. \".nii.gz\").")
+    if not ending.lower().endswith(IMAGE_SUFFIXES):
+        raise DatasetError(
+            f"the nnU-Net dataset {json_path} has file_ending {ending!r}; the bundle reads 3D volumes with one of "
+            f"the suffixes {', '.join(IMAGE_SUFFIXES)}."
         )
+    return ending
+
+
+def _nnunet_cases(folder: str, ending: str) -> dict[str, str]:
+    """Case name -> its single image in an nnU-Net images folder (``<case>_XXXX<ending>`` files)."""
+    if not os.path.isdir(folder):
+        return {}
+    channels: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not name.endswith(ending) or not os.path.isfile(path):
+            continue
+        match = CHANNEL_SUFFIX.match(name[: -len(ending)])
+        if match is None:
+            raise DatasetError(
+                f"{path} is not named <case>_XXXX{ending} (a 4-digit channel suffix), as nnU-Net's images must be."
+            )
+        channels.setdefault(match["case"], []).append(path)
+    for case, files in channels.items():
+        if len(files) > 1:
+            raise _channels_error(case, files, folder)
+    return {case: files[0] for case, files in channels.items()}
+
+
+def _entries_from_nnunet(dataset_dir: str, json_path: str, content: dict) -> dict[str, list[dict]]:
+    """The lists of an nnU-Net v2 raw dataset (module docs, layout 2)."""
+    ending = _nnunet_file_ending(json_path, content)
+    explicit = content.get("dataset")
+    if isinstance(explicit, dict):
+        training = []
+        for case, item in sorted(explicit.items()):
+            images = item.get("images") if isinstance(item, dict) else None
+            if not images or not item.get("label"):
+                raise DatasetError(f"the case {case} of 'dataset' in {json_path} needs 'images' and a 'label'.")
+            images = [_resolve(dataset_dir, os.path.expandvars(i)) for i in images]
+            if len(images) > 1:
+                raise _channels_error(case, images, json_path)
+            training.append({"image": images[0], "label": _resolve(dataset_dir, os.path.expandvars(item["label"]))})
+    else:
+        images_dir, labels_dir = os.path.join(dataset_dir, "imagesTr"), os.path.join(dataset_dir, "labelsTr")
+        training = []
+        for case, image in sorted(_nnunet_cases(images_dir, ending).items()):
+            label = os.path.join(labels_dir, case + ending)
+            if not os.path.isfile(label):
+                raise DatasetError(f"the training image {image} has no label: expected {label}.")
+            training.append({"image": image, "label": label})
+    channel_names = content.get("channel_names", content.get("modality"))
+    if isinstance(channel_names, dict) and len(channel_names) > 1 and training:
+        raise DatasetError(
+            f"{json_path} declares {len(channel_names)} channels {channel_names}; the bundle reads single-channel "
+            f"images (in_channels 1), e.g. the case {case_name(training[0]['image'])} has one file per channel."
+        )
+    expected = content.get("numTraining")
+    if isinstance(expected, int) and training and expected != len(training):
+        raise DatasetError(
+            f"{json_path} says numTraining is {expected} but {len(training)} training case(s) were found: "
+            "files are missing or misnamed."
+        )
+    test = [{"image": p} for _, p in sorted(_nnunet_cases(os.path.join(dataset_dir, "imagesTs"), ending).items())]
+    return {"training": training, "validation": [], "test": test}
+
+
+def _pair_by_case(images: list[str], labels_dir: str) -> list[dict]:
+    """Images with the label of the same case name (or of the name less nnU-Net's channel suffix)."""
     labels = {case_name(p): p for p in list_images(labels_dir)}
-    training = []
-    for image in list_images(images_dir):
-        label = labels.get(case_name(image))
-        if label is None:
+    pairs: dict[str, list[str]] = {}
+    for image in images:
+        name = case_name(image)
+        match = CHANNEL_SUFFIX.match(name)
+        if name not in labels and match is not None and match["case"] in labels:
+            name = match["case"]
+        if name not in labels:
             raise DatasetError(
                 f"the training image {image} has no label: expected {os.path.join(labels_dir, case_name(image))}"
                 f" with one of the suffixes {', '.join(IMAGE_SUFFIXES)}."
             )
-        training.append({"image": image, "label": label})
-    test = [{"image": p} for p in list_images(os.path.join(dataset_dir, "imagesTs"))]
+        pairs.setdefault(name, []).append(image)
+    for name, files in pairs.items():
+        if len(files) > 1:
+            raise _channels_error(name, files, os.path.dirname(files[0]))
+    return [{"image": files[0], "label": labels[name]} for name, files in pairs.items()]
+
+
+def _entries_from_folders(dataset_dir: str) -> dict[str, list[dict]]:
+    for images_name, labels_name, test_name in FOLDER_LAYOUTS:
+        images_dir = os.path.join(dataset_dir, images_name)
+        labels_dir = os.path.join(dataset_dir, labels_name)
+        if os.path.isdir(images_dir) and (images_name == "imagesTr" or os.path.isdir(labels_dir)):
+            break
+    else:
+        raise DatasetNotFoundError(
+            f"{dataset_dir} has neither a dataset.json nor an imagesTr folder (nor images/ with labels/ or masks/): "
+            "no training cases found."
+        )
+    training = _pair_by_case(list_images(images_dir), labels_dir)
+    test = [{"image": p} for p in list_images(os.path.join(dataset_dir, test_name))] if test_name else []
     return {"training": training, "validation": [], "test": test}
 
 
@@ -254,7 +401,8 @@ def load_datalist(
     """The ``training``, ``validation`` and ``test`` lists of a dataset folder, checked.
 
     Args:
-        dataset_dir: a folder with a ``dataset.json`` or ``imagesTr``/``labelsTr`` (module docs).
+        dataset_dir: a folder with a ``dataset.json``, ``imagesTr``/``labelsTr`` or
+            ``images``/``labels`` (module docs).
         val_fraction: the fraction of training cases held out for validation when the
             datalist has no ``validation`` list.
         synthetic_dir: the bundle's default dataset folder. If ``dataset_dir`` is this folder and
@@ -320,8 +468,9 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     """The images to segment in ``dataset_dir``, as ``[{"image": path}, ...]``.
 
     The ``test`` list of ``dataset_dir/dataset.json`` if it has one, else every image file in
-    ``dataset_dir/imagesTs``, else in ``dataset_dir/imagesTr``, else in ``dataset_dir``.
-    ``dataset_dir`` may also be a single image file.
+    ``dataset_dir/imagesTs``, else in ``dataset_dir/imagesTr``, else in ``dataset_dir/images``,
+    else in ``dataset_dir``; in an nnU-Net v2 dataset, the cases of ``imagesTs``, else of
+    ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file.
 
     Raises:
         DatasetNotFoundError: the folder does not exist or holds no image.
@@ -335,15 +484,21 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     else:
         json_path = os.path.join(dataset_dir, "dataset.json")
         images = []
-        if os.path.isfile(json_path):
+        content = _read_json(json_path) if os.path.isfile(json_path) else {}
+        if _is_nnunet(content):
+            ending = _nnunet_file_ending(json_path, content)
+            for sub in ("imagesTs", "imagesTr"):
+                if not images:
+                    images = sorted(_nnunet_cases(os.path.join(dataset_dir, sub), ending).values())
+        elif content:
             images = [e["image"] for e in _entries_from_json(dataset_dir, json_path)["test"]]
-        for sub in ("imagesTs", "imagesTr", ""):
+        for sub in ("imagesTs", "imagesTr", "images", ""):
             if not images:
                 images = list_images(os.path.join(dataset_dir, sub))
     if not images:
         raise DatasetNotFoundError(
             f"no image to segment in {dataset_dir}: no 'test' list in a dataset.json and no "
-            f"{'/'.join(IMAGE_SUFFIXES)} file in imagesTs/, imagesTr/ or the folder itself."
+            f"{'/'.join(IMAGE_SUFFIXES)} file in imagesTs/, imagesTr/, images/ or the folder itself."
         )
     if check:
         for image in images:

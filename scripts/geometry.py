@@ -48,6 +48,24 @@ def rotation_centre(height: int, width: int) -> tuple[int, int]:
     return (height - 1) // 2, (width - 1) // 2
 
 
+@torch.jit.unused
+def _is_symbolic(size: int) -> bool:
+    """Whether ``size`` is a symbolic size of ``torch.export`` (ONNX export with dynamic shapes)."""
+    return isinstance(size, torch.SymInt)
+
+
+@torch.jit.unused
+def _symbolic_ceil_sqrt(square: int) -> int:
+    """``ceil(sqrt(square) - 1e-9)`` as an expression of the symbolic sizes, not a constant.
+
+    ``math.sqrt`` would silently freeze the size of the example input into an exported
+    graph; ``** 0.5`` of ``torch.sym_float`` stays symbolic and exports to ONNX ``Sqrt``.
+    Same value as the eager formula for any plane smaller than about 2800 x 2800 (the
+    exported graph computes it in float32).
+    """
+    return math.ceil(torch.sym_float(square) ** 0.5 - 1e-9)
+
+
 def detector_size(height: int, width: int) -> int:
     """Number ``N_s`` of detector bins for an ``H x W`` plane.
 
@@ -58,8 +76,12 @@ def detector_size(height: int, width: int) -> int:
     if height < 2 or width < 2:
         raise ValueError(f"the H x W plane must be at least 2 x 2 voxels, got {height} x {width}.")
     cu, cv = rotation_centre(height, width)
-    du = max(cu, height - 1 - cu)
-    dv = max(cv, width - 1 - cv)
+    # the farthest voxel centre: the centre is (H - 1) // 2, so the far side is never shorter
+    du = height - 1 - cu
+    dv = width - 1 - cv
+    if not torch.jit.is_scripting():
+        if _is_symbolic(du):
+            return 2 * _symbolic_ceil_sqrt(du * du + dv * dv) + 1
     # the small tolerance keeps an exactly integer radius (e.g. a 2 x 2 plane) from rounding up
     return 2 * int(math.ceil(math.sqrt(du * du + dv * dv) - 1e-9)) + 1
 
@@ -108,7 +130,7 @@ def projection_table(
     pos = torch.round(pos * 1e9) / 1e9
     inside = (pos >= 0.0) & (pos <= length - 1.0)
     pos = torch.where(inside, pos, torch.zeros_like(pos))
-    left = pos.floor().clamp(max=float(length - 2))
+    left = pos.floor().clamp(max=length - 2)
     weight = pos - left
     row = r[:, None].long()
     left = left.long()
@@ -147,6 +169,6 @@ def backprojection_table(
     # rounding keeps exact grid positions (0 and pi/2) from landing a hair below an integer
     pos = (-u * math.sin(theta) + v * math.cos(theta) + (n_s - 1) // 2).reshape(-1)
     pos = torch.round(pos * 1e9) / 1e9
-    left = pos.floor().clamp(0.0, float(n_s - 2))
+    left = pos.floor().clamp(0, n_s - 2)
     weight = pos - left
     return left.long(), weight.to(dtype)

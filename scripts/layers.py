@@ -112,7 +112,9 @@ class FineTuning(nn.Module):
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size
-        if min(x.shape[2], x.shape[3], x.shape[4]) >= k:
+        # one test per axis, not min() of the sizes: torch.export would turn min() into a guard
+        # relating H, W and D, and an exported graph would then accept only that order of sizes
+        if x.shape[2] >= k and x.shape[3] >= k and x.shape[4] >= k:
             return self.pool(x)
         # torch's pooling refuses volumes thinner than its window: average explicitly over the voxels inside
         pad = [k // 2] * 6

@@ -25,6 +25,7 @@ from scripts.losses import TwoPathDiceLoss
 from scripts.net import UNet25D
 from scripts.synthetic import generate_case
 from scripts.training import train_step
+from scripts.workflows import replace_doc_section
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -118,20 +119,8 @@ def main(
     logger.info("figure written to %s (training-case Dice %.3f)", out, dice)
     rows = "\n".join(f"| {name} | {n:,} |" for name, n in parameter_counts().items())
     table = "| network (default settings, 1 input channel, 1 class) | trainable parameters |\n|---|---|\n" + rows
-    _replace_section(doc, "parameters", table)
+    replace_doc_section(doc, "parameters", table)
     logger.info("parameter counts written to %s", doc)
-
-
-def _replace_section(path: str, name: str, text: str) -> None:
-    """Put ``text`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of ``path``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    with open(path) as f:
-        content = f.read()
-    if start not in content or end not in content:
-        raise ValueError(f"{path} has no {start} ... {end} section to fill.")
-    head, rest = content.split(start, 1)
-    with open(path, "w") as f:
-        f.write(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from scripts.layers import Filtration, FineTuning
-from scripts.operators import Backprojection, Projection
+from scripts.operators import Backprojection, Projection, exporting
 
 __all__ = ["UNet25D"]
 
@@ -46,11 +46,15 @@ class UNet25D(nn.Module):
             (then inference must use the training's ``num_directions``).
         filter_init: ``"identity"`` or ``"ramp"``.
         pool_size: odd window of ``T``'s average pooling.
+        margin: bins of edge replication added on every side of each projection (detector
+            and z) before ``U`` and cropped after it, so that no bin that reaches a voxel sits
+            at the U-Net's image border, where zero-padded convolutions give it unreliable
+            logits (without it, voxels at the volume's faces and corners come out as vessel).
 
     Shapes:
         ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities, for any ``H, W >= 2`` and
-        any ``D``; the projections ``(N_s, D)`` are padded to a multiple of the U-Net's
-        total stride and cropped back. With ``num_subset = q > 0``: ``(B, 2, K, H, W, D)``,
+        any ``D``; the projections ``(N_s, D)`` get ``margin`` bins on every side, are padded
+        to a multiple of the U-Net's total stride and cropped back. With ``num_subset = q > 0``: ``(B, 2, K, H, W, D)``,
         index 0 the main path ``y`` and 1 the auxiliary path ``y_aux`` (as MONAI's
         ``DynUNet`` stacks deep-supervision outputs).
 
@@ -79,12 +83,15 @@ class UNet25D(nn.Module):
         filter_per_direction: bool = False,
         filter_init: str = "identity",
         pool_size: int = 3,
+        margin: int = 8,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be at least 1, got {in_channels}, {out_channels}.")
         if num_directions < 1:
             raise ValueError(f"num_directions (p) must be at least 1, got {num_directions}.")
+        if margin < 0:
+            raise ValueError(f"margin must be at least 0, got {margin}.")
         if len(strides) != len(channels) - 1:
             raise ValueError("the length of `strides` should equal to `len(channels) - 1`.")
         self.in_channels = in_channels
@@ -94,6 +101,7 @@ class UNet25D(nn.Module):
         for s in strides:
             divisor *= s
         self.divisor = divisor
+        self.margin = margin
         self.projection = Projection(reduction)
         self.unet = UNet(
             spatial_dims=2,
@@ -158,11 +166,12 @@ class UNet25D(nn.Module):
         """``U`` on every projection: ``(B, p', C, N_s, D) -> (B, p', K, N_s, D)`` logits."""
         b, p, c, n_s, d = projections.shape
         images = projections.reshape(b * p, c, n_s, d)
-        pad_s = (-n_s) % self.divisor
-        pad_d = (-d) % self.divisor
-        if pad_s > 0 or pad_d > 0:
-            images = nn.functional.pad(images, [0, pad_d, 0, pad_s], mode="replicate")
-        logits = self.unet(images)[:, :, :n_s, :d]
+        m = self.margin
+        pad_s = (-(n_s + 2 * m)) % self.divisor
+        pad_d = (-(d + 2 * m)) % self.divisor
+        if m > 0 or pad_s > 0 or pad_d > 0:
+            images = nn.functional.pad(images, [m, m + pad_d, m, m + pad_s], mode="replicate")
+        logits = self.unet(images)[:, :, m : m + n_s, m : m + d]
         return logits.reshape(b, p, self.out_channels, n_s, d)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -172,5 +181,8 @@ class UNet25D(nn.Module):
             raise ValueError(f"the network expects {self.in_channels} input channel(s), the input has {x.shape[1]}.")
         if x.shape[2] < 2 or x.shape[3] < 2 or x.shape[4] < 1:
             raise ValueError(f"the volume must be at least 2 x 2 x 1 voxels (H x W x D), got {list(x.shape[2:])}.")
+        if not torch.jit.is_scripting():
+            if exporting():
+                return  # a check of the values has no place in an exported graph (and stops torch.export)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("the input holds NaN or Inf values.")

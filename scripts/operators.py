@@ -10,6 +10,12 @@ of rows small enough to stay in cache, into buffers allocated once per call.
 ``M`` is not differentiable (its input, the image, needs no gradient). ``R`` is linear,
 has an exact adjoint ``R*`` (:meth:`Backprojection.adjoint`, used as its gradient) and
 runs with plain PyTorch ops when scripted, so an exported model needs no project code.
+
+Under ``torch.export`` (the ONNX exporter, :func:`exporting`) the sizes are symbolic: the
+tables are built in the graph from them and each direction is one whole gather and
+reduction, without chunks, so the exported graph works for any ``H x W x D``. Same
+operations per element, so the same values (bit for bit for ``"max"``/``"min"`` and ``R``;
+``"sum"`` may differ by float rounding, as it sums in another order).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch import nn
 
 from scripts.geometry import backprojection_table, detector_size, direction_angles, projection_table
 
-__all__ = ["Projection", "Backprojection", "REDUCTIONS", "CHUNK_ELEMENTS"]
+__all__ = ["Projection", "Backprojection", "REDUCTIONS", "CHUNK_ELEMENTS", "exporting"]
 
 REDUCTIONS = ("max", "sum", "min")
 CHUNK_ELEMENTS = 1 << 20  # default working-buffer size: about 4 MB of float32, stays in cache
@@ -72,6 +78,12 @@ def _cached_adjoint_matrices(
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             matrices.append(coo.coalesce().to_sparse_csr())
     return matrices
+
+
+@torch.jit.unused
+def exporting() -> bool:
+    """Whether the code runs under ``torch.export`` (e.g. ``torch.onnx.export(..., dynamo=True)``)."""
+    return torch.compiler.is_exporting()
 
 
 @torch.jit.unused
@@ -133,10 +145,43 @@ class Projection(nn.Module):
             angles = direction_angles(num_directions)
             tables = [projection_table(h, w, angles[k], x.device, x.dtype) for k in dirs]
         else:
+            if exporting():
+                return self._project_exported(x, num_directions, dirs)
             all_tables = _eager_projection_tables(h, w, num_directions, x.device, x.dtype)
             tables = [all_tables[k] for k in dirs]
         with torch.no_grad():
             out = self._project(x, tables, n_s)
+        return out.view(len(dirs), n_s, b, c, d).permute(2, 0, 3, 1, 4).contiguous()
+
+    @torch.jit.unused
+    def _project_exported(self, x: torch.Tensor, num_directions: int, dirs: list[int]) -> torch.Tensor:
+        """``M`` for ``torch.export``: tables from the symbolic sizes, one gather per direction."""
+        b, c, h, w, d = x.shape
+        n_s, e = detector_size(h, w), b * c * d
+        plane = x.permute(2, 3, 0, 1, 4).reshape(h * w, e)
+        per_channel = x.reshape(b, c, -1)
+        if self.reduction == "max":
+            fill = per_channel.amin(-1)
+        elif self.reduction == "min":
+            fill = per_channel.amax(-1)
+        else:
+            fill = torch.zeros(b, c, dtype=x.dtype, device=x.device)
+        fill = fill[:, :, None].expand(b, c, d).reshape(1, e)
+        angles = direction_angles(num_directions)
+        projections = []
+        for k in dirs:
+            first, second, weight, inside, step = projection_table(h, w, angles[k], x.device, x.dtype)
+            a = plane.index_select(0, first.reshape(-1))
+            bb = plane.index_select(0, second.reshape(-1))
+            samples = torch.where(inside.reshape(-1, 1), torch.lerp(a, bb, weight.reshape(-1, 1)), fill)
+            samples = samples.reshape(-1, n_s, e)
+            if self.reduction == "max":
+                projections.append(samples.amax(0))
+            elif self.reduction == "min":
+                projections.append(samples.amin(0))
+            else:
+                projections.append(samples.sum(0) * step)
+        out = torch.stack(projections)
         return out.view(len(dirs), n_s, b, c, d).permute(2, 0, 3, 1, 4).contiguous()
 
     def _project(
@@ -221,6 +266,26 @@ def _backproject(
     return out.view(height, width, b, k, d).permute(2, 3, 0, 1, 4).contiguous()
 
 
+@torch.jit.unused
+def _backproject_exported(
+    q: torch.Tensor, height: int, width: int, num_directions: int, dirs: list[int]
+) -> torch.Tensor:
+    """:func:`_backproject` for ``torch.export``: tables from the symbolic sizes, one gather per direction."""
+    b, p, k, n_s, d = q.shape
+    detector = q.permute(1, 3, 0, 2, 4).reshape(p, n_s, b * k * d)
+    angles = direction_angles(num_directions)
+    samples = []
+    for j, direction in enumerate(dirs):
+        index, weight = backprojection_table(height, width, angles[direction], q.device, q.dtype)
+        lower, upper = detector[j].index_select(0, index), detector[j].index_select(0, index + 1)
+        samples.append(torch.lerp(lower, upper, weight[:, None]))
+    out = samples[0]
+    for sample in samples[1:]:  # summed in direction order, as in _backproject
+        out = out + sample
+    out = out * (1.0 / p)
+    return out.view(height, width, b, k, d).permute(2, 3, 0, 1, 4).contiguous()
+
+
 def _adjoint(v: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
     """``R*``: ``(B, K, H, W, D) -> (B, p', K, N_s, D)``, the transpose of :func:`_backproject`."""
     b, k, h, w, d = v.shape
@@ -287,6 +352,8 @@ class Backprojection(nn.Module):
             with torch.no_grad():
                 out = _backproject(q, tables, height, width)
             return out
+        if exporting():
+            return _backproject_exported(q, height, width, num_directions, dirs)
         if torch.is_grad_enabled() and q.requires_grad:
             return _backproject_with_grad(q, height, width, num_directions, dirs)
         tables = _eager_backprojection_tables(height, width, num_directions, q.device, q.dtype)

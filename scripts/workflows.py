@@ -2,7 +2,10 @@
 
 :func:`log_metrics` prints the per-case table of an evaluation from the CSV files that MONAI's
 ``MetricsSaver`` wrote (``evaluate.json`` calls it after the evaluator has run), so the command
-line shows Dice, clDice and HD95 case by case and not only their means.
+line shows Dice, clDice and HD95 case by case and not only their means. :func:`metrics_markdown`
+renders the same table for the docs and :func:`replace_doc_section` puts generated text between
+``<!-- name:start -->`` and ``<!-- name:end -->`` markers of a Markdown file, so every number in
+the docs comes from a command that can be rerun.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import os
 from collections.abc import Sequence
 
-__all__ = ["read_metric_details", "log_metrics"]
+__all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,19 @@ def _fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
 
 
+def _metric_rows(output_dir: str, names: Sequence[str]) -> list[tuple[str, list[float]]]:
+    """``(case file name, values)`` for every case, then ``("mean", nan-means)``."""
+    details = {name: read_metric_details(output_dir, name) for name in names}
+    rows = [
+        (os.path.basename(case), [details[n].get(case, float("nan")) for n in names]) for case in details[names[0]]
+    ]
+    means = []
+    for name in names:
+        finite = [v for v in details[name].values() if not math.isnan(v)]
+        means.append(sum(finite) / len(finite) if finite else float("nan"))
+    return rows + [("mean", means)]
+
+
 def log_metrics(output_dir: str, names: Sequence[str]) -> str:
     """Log (and return) a table of the metrics ``names`` per case and their nan-means.
 
@@ -45,18 +61,46 @@ def log_metrics(output_dir: str, names: Sequence[str]) -> str:
         output_dir: where ``MetricsSaver`` wrote ``<name>_raw.csv`` for every name.
         names: the metric names, e.g. ``["val_mean_dice", "val_cldice", "val_hd95"]``.
     """
-    details = {name: read_metric_details(output_dir, name) for name in names}
-    cases = list(details[names[0]])
-    width = max([len("case")] + [len(os.path.basename(c)) for c in cases])
+    rows = _metric_rows(output_dir, names)
+    width = max(len("case"), *(len(case) for case, _ in rows))
     lines = ["  ".join(["case".ljust(width)] + [n.rjust(14) for n in names])]
-    for case in cases:
-        values = [details[n].get(case, float("nan")) for n in names]
-        lines.append("  ".join([os.path.basename(case).ljust(width)] + [_fmt(v).rjust(14) for v in values]))
-    means = []
-    for name in names:
-        finite = [v for v in details[name].values() if not math.isnan(v)]
-        means.append(sum(finite) / len(finite) if finite else float("nan"))
-    lines.append("  ".join(["mean".ljust(width)] + [_fmt(v).rjust(14) for v in means]))
+    lines += ["  ".join([case.ljust(width)] + [_fmt(v).rjust(14) for v in values]) for case, values in rows]
     table = "\n".join(lines)
     logger.info("metrics per case (HD95 in mm; CSV files in %s):\n%s", output_dir, table)
     return table
+
+
+def metrics_markdown(output_dir: str, names: Sequence[str], headers: Sequence[str] | None = None) -> str:
+    """The per-case table of :func:`log_metrics` as Markdown, the mean row in bold.
+
+    Args:
+        output_dir: where ``MetricsSaver`` wrote ``<name>_raw.csv`` for every name.
+        names: the metric names.
+        headers: column titles for the metrics (default: the names).
+    """
+    headers = list(headers or names)
+    if len(headers) != len(names):
+        raise ValueError(f"{len(names)} metrics but {len(headers)} headers.")
+    lines = ["| case | " + " | ".join(headers) + " |", "|---" * (len(names) + 1) + "|"]
+    for case, values in _metric_rows(output_dir, names):
+        cells = [_fmt(v) for v in values]
+        if case == "mean":
+            case, cells = "**mean**", [f"**{c}**" for c in cells]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_doc_section(path: str, name: str, text: str) -> None:
+    """Put ``text`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of ``path``.
+
+    Raises:
+        ValueError: ``path`` lacks one of the markers.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    with open(path) as f:
+        content = f.read()
+    if start not in content or end not in content:
+        raise ValueError(f"{path} has no {start} ... {end} section to fill.")
+    head, rest = content.split(start, 1)
+    with open(path, "w") as f:
+        f.write(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])

@@ -1,0 +1,362 @@
+"""Tables, target checks, plots and the Markdown page of ``python -m scripts.benchmark``.
+
+Pure functions of the results dictionary that :mod:`scripts.benchmark` also writes as JSON:
+nothing here measures anything, so every number on the page is one the run measured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+__all__ = [
+    "ratio",
+    "fmt",
+    "size_str",
+    "markdown_table",
+    "target_status",
+    "speed_ratios",
+    "check_targets",
+    "plot_all",
+    "render",
+]
+
+LABELS = {"unet25d": "random 2.5D U-Net", "unet3d": "3D U-Net", "slicestack": "slice-stack 2.5D", "frangi": "Frangi"}
+COLOURS = {"unet25d": "tab:blue", "unet3d": "tab:orange", "slicestack": "tab:green", "frangi": "tab:gray"}
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing, not finite, or the denominator is not positive."""
+    if numerator is None or denominator is None:
+        return None
+    if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    """``value`` formatted with ``spec`` and ``suffix``; an en dash for a missing or non-finite value."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:{spec}}{suffix}"
+
+
+def size_str(size: Sequence[int]) -> str:
+    """``[256, 256, 128] -> "256×256×128"``."""
+    return "×".join(str(int(s)) for s in size)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table; every row must have as many cells as the header."""
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a row has {len(row)} cells, the header {len(header)}: {list(row)}.")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def target_status(value: float | None, threshold: float, higher_is_better: bool = True) -> str:
+    """``"met"``, ``"not met"``, or ``"not measured"`` for a missing value."""
+    if value is None or not math.isfinite(value):
+        return "not measured"
+    ok = value >= threshold if higher_is_better else value <= threshold
+    return "met" if ok else "not met"
+
+
+def speed_ratios(rows: Sequence[dict]) -> list[dict]:
+    """Per size, 3D U-Net over 2.5D U-Net: time, peak RSS and peak increase over the baseline RSS."""
+    by_size: dict[tuple, dict] = {}
+    for row in rows:
+        by_size.setdefault(tuple(row["size"]), {})[row["model"]] = row
+    out = []
+    for size, models in by_size.items():
+        a, b = models.get("unet3d", {}), models.get("unet25d", {})
+        out.append({
+            "size": list(size),
+            "time_3d_over_25d": ratio(a.get("seconds"), b.get("seconds")),
+            "peak_3d_over_25d": ratio(a.get("peak_rss_mb"), b.get("peak_rss_mb")),
+            "increase_3d_over_25d": ratio(a.get("increase_mb"), b.get("increase_mb")),
+        })
+    return out
+
+
+def _at(ratios: Sequence[dict], size: Sequence[int]) -> tuple[dict | None, str]:
+    """The ratio row of ``size``, else that of the largest measured size (and a note saying so)."""
+    if not ratios:
+        return None, "not run"
+    for row in ratios:
+        if list(row["size"]) == list(size):
+            return row, f"at {size_str(size)}"
+    row = max(ratios, key=lambda r: math.prod(r["size"]))
+    return row, f"at {size_str(row['size'])}, not the target's {size_str(size)}"
+
+
+def check_targets(results: dict, inference_size: Sequence[int], step_size: Sequence[int]) -> list[dict]:
+    """The issue's targets, each with the measured value, where it was measured and met / not met."""
+    targets = []
+
+    def add(bench: str, text: str, value: float | None, threshold: float, higher: bool, where: str, unit: str):
+        targets.append({"benchmark": bench, "target": text, "value": value, "threshold": threshold,
+                        "display": fmt(value, ".2f", unit), "where": where,
+                        "status": target_status(value, threshold, higher)})
+
+    for bench, size, speed, mem, label in (
+        ("B1", inference_size, 5, 3, "inference"),
+        ("B2", step_size, 5, 4, "training step"),
+    ):
+        row, where = _at(results.get(bench, {}).get("ratios", []), size)
+        row = row or {}
+        add(bench, f"2.5D {label} ≥ {speed}× faster than 3D U-Net", row.get("time_3d_over_25d"), speed, True, where,
+            "×")
+        add(bench, f"2.5D {label} memory ≤ 1/{mem} of 3D U-Net's", row.get("increase_3d_over_25d"), mem, True,
+            where + ("; 3D / 2.5D peak increase" if row else ""), "×")
+    b3 = [r for r in results.get("B3", {}).get("rows", []) if "ratios" in r]
+    for op, name in (("M_max", "M (max)"), ("R", "R")):
+        worst = max(b3, key=lambda r: r["ratios"][op]) if b3 else None
+        where = f"worst of {len(b3)} size(s): {size_str(worst['size'])}" if worst else "not run"
+        add("B3", f"{name} ≤ 4× the memory floor", worst["ratios"][op] if worst else None, 4, False, where, "×")
+    b4 = results.get("B4", {})
+    dice = {m: r.get("test", {}).get("dice") for m, r in b4.get("models", {}).items()}
+    frangi = b4.get("frangi", {}).get("test", {}).get("dice")
+    margin_3d = None if dice.get("unet25d") is None or dice.get("unet3d") is None else dice["unet25d"] - dice["unet3d"]
+    margin_f = None if dice.get("unet25d") is None or frangi is None else dice["unet25d"] - frangi
+    where = f"test Dice difference, budget {fmt(b4.get('budget_s'), '.0f')} s each" if b4 else "not run"
+    add("B4", "2.5D test Dice ≥ 3D U-Net's at equal budget", margin_3d, 0.0, True, where, "")
+    add("B4", "2.5D test Dice ≥ Frangi's + 0.15", margin_f, 0.15, True, where, "")
+    return targets
+
+
+def _bars(ax, rows: Sequence[dict], key: str, title: str, ylabel: str) -> None:
+    """Grouped bars per size (2.5D, 3D) on a log axis, each labelled with its value."""
+    from matplotlib.ticker import FuncFormatter
+
+    sizes = sorted({tuple(r["size"]) for r in rows}, key=math.prod)
+    width = 0.38
+    positive = []
+    for i, model in enumerate(("unet25d", "unet3d")):
+        values = [next((r.get(key) for r in rows if tuple(r["size"]) == s and r["model"] == model), None) or 0.0
+                  for s in sizes]
+        xs = [j + (i - 0.5) * width for j in range(len(sizes))]
+        ax.bar(xs, values, width, label=LABELS[model], color=COLOURS[model])
+        for x, v in zip(xs, values):
+            if v > 0:
+                ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=7)
+                positive.append(v)
+    ax.set_xticks(range(len(sizes)), [size_str(s) for s in sizes])
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if positive:
+        ax.set_yscale("log")
+        ax.set_ylim(min(positive) / 5, max(positive) * 3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.legend(fontsize=8)
+
+
+def plot_all(results: dict, image_dir: str) -> dict[str, str]:
+    """Write the PNG plots of the benchmarks that ran; returns ``{benchmark: file name}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(image_dir, exist_ok=True)
+    written = {}
+
+    def save(fig, key: str, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(os.path.join(image_dir, name), dpi=110)
+        plt.close(fig)
+        written[key] = name
+
+    if results.get("B1") or results.get("B2"):
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+        for row, bench, what in ((0, "B1", "inference"), (1, "B2", "training step")):
+            rows = [r for r in results.get(bench, {}).get("rows", []) if "seconds" in r]
+            _bars(axes[row, 0], rows, "seconds", f"{bench} {what}: time", "seconds (median)")
+            _bars(axes[row, 1], rows, "increase_mb", f"{bench} {what}: memory", "peak RSS increase (MiB)")
+        save(fig, "speed", "benchmark_speed.png")
+    b3 = [r for r in results.get("B3", {}).get("rows", []) if "ratios" in r]
+    if b3:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ops = ("M_max", "M_sum", "R", "R_adjoint")
+        for i, op in enumerate(ops):
+            ax.bar([j + (i - 1.5) * 0.2 for j in range(len(b3))], [r["ratios"][op] for r in b3], 0.2, label=op)
+        ax.axhline(4, color="k", ls="--", lw=1, label="target 4×")
+        ax.set_xticks(range(len(b3)), [size_str(r["size"]) for r in b3])
+        ax.set_ylabel("time / floor")
+        ax.set_title(f"B3 operators against the memory floor (p = {results['B3'].get('p')})")
+        ax.legend(fontsize=8)
+        save(fig, "B3", "benchmark_operators.png")
+    b4 = results.get("B4", {})
+    if b4.get("models"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for model, r in b4["models"].items():
+            curve = r.get("curve", [])
+            ax.plot([c["seconds"] for c in curve], [c["dice"] for c in curve], "o-", ms=3,
+                    label=LABELS.get(model, model), color=COLOURS.get(model))
+        frangi = b4.get("frangi", {}).get("validation", {}).get("dice")
+        if frangi is not None:
+            ax.axhline(frangi, color=COLOURS["frangi"], ls="--", label="Frangi (fitted threshold)")
+        ax.set_xlabel("training wall-clock (s, validation excluded)")
+        ax.set_ylabel("validation Dice")
+        ax.set_title("B4 validation Dice against training time")
+        ax.legend(fontsize=8)
+        save(fig, "B4", "benchmark_accuracy.png")
+    b5 = results.get("B5", {}).get("rows", [])
+    if b5:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ps = [r["p"] for r in b5]
+        ax.plot(ps, [r["dice"] for r in b5], "o-", color=COLOURS["unet25d"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("directions p at inference")
+        ax.set_ylabel("test Dice", color=COLOURS["unet25d"])
+        twin = ax.twinx()
+        twin.plot(ps, [r["seconds_per_case"] for r in b5], "s--", color="tab:red")
+        twin.set_ylabel("seconds per case", color="tab:red")
+        ax.set_title(f"B5 directions at inference (trained with p = {results['B5'].get('trained_p')})")
+        save(fig, "B5", "benchmark_directions.png")
+    return written
+
+
+def _speed_section(bench: dict, what: str) -> str:
+    ratio_keys = ("time_3d_over_25d", "increase_3d_over_25d", "peak_3d_over_25d")
+    header = ["size", "model", "median s", "peak RSS (MiB)", "increase (MiB)", "process peak (MiB)"]
+    rows = []
+    for r in bench.get("rows", []):
+        if "error" in r:
+            rows.append([size_str(r["size"]), LABELS[r["model"]], f"failed: {r['error']}", "–", "–", "–"])
+            continue
+        rows.append([size_str(r["size"]), LABELS[r["model"]], fmt(r["seconds"], ".3f"), fmt(r["peak_rss_mb"], ".0f"),
+                     fmt(r["increase_mb"], ".0f"), fmt(r.get("process_peak_rss_mb"), ".0f")])
+    ratio_rows = [[size_str(r["size"])] + [fmt(r[k], ".2f", "×") for k in ratio_keys] for r in bench.get("ratios", [])]
+    return (markdown_table(header, rows)
+            + f"\n\nRatios, 3D U-Net over 2.5D U-Net ({what}; above 1: 2.5D is better):\n\n"
+            + markdown_table(["size", "time", "memory (increase)", "peak RSS"], ratio_rows))
+
+
+def _b3_section(b3: dict) -> str:
+    rows = []
+    for r in b3.get("rows", []):
+        if "error" in r:
+            rows.append([size_str(r["size"]), f"failed: {r['error']}"] + ["–"] * 5)
+            continue
+        q = r["ratios"]
+        rows.append([size_str(r["size"]), fmt(r["seconds"]["floor"], ".3g")]
+                    + [fmt(q[k], ".3g", "×") for k in ("M_max", "M_sum", "R", "R_adjoint", "unet2d")])
+    return markdown_table(["size", "floor (s)", "M max", "M sum", "R", "R*", "2D U-Net"], rows)
+
+
+def _b4_section(b4: dict) -> str:
+    rows = []
+    for model, r in b4.get("models", {}).items():
+        if "error" in r:
+            rows.append([LABELS.get(model, model), f"failed: {r['error']}"] + ["–"] * 7)
+            continue
+        t = r["test"]
+        rows.append([LABELS[model], fmt(t["dice"], ".3f"), fmt(t["cldice"], ".3f"), fmt(t["hd95"], ".2f"),
+                     fmt(r["best_validation_dice"], ".3f"), str(r["steps"]), fmt(r["train_seconds"], ".0f"),
+                     f"{r['parameters']:,}", fmt(r.get("process_peak_rss_mb"), ".0f")])
+    f = b4.get("frangi", {})
+    if "test" in f:
+        t = f["test"]
+        rows.append([f"Frangi (threshold {fmt(f['threshold'], '.2f')})", fmt(t["dice"], ".3f"), fmt(t["cldice"], ".3f"),
+                     fmt(t["hd95"], ".2f"), fmt(f["validation"]["dice"], ".3f"), "–", "–", "0",
+                     fmt(f.get("process_peak_rss_mb"), ".0f")])
+    elif "error" in f:
+        rows.append(["Frangi", f"failed: {f['error']}"] + ["–"] * 7)
+    header = ["model", "test Dice", "test clDice", "test HD95 (mm)", "best val Dice", "steps", "train s",
+              "parameters", "training peak RSS (MiB)"]
+    sources = "; ".join(f"{LABELS.get(m, m)}: {r.get('network', '?')}" for m, r in b4.get("models", {}).items())
+    return markdown_table(header, rows) + f"\n\nNetworks and losses from: {sources}."
+
+
+def _load(values: Sequence[float] | None) -> str:
+    return "unknown" if not values else ", ".join(f"{v:.1f}" for v in values)
+
+
+def render(results: dict, images: dict[str, str]) -> str:
+    """The Markdown page of a run."""
+    env, s = results["environment"], results["settings"]
+    lines = ["# Benchmarks: random 2.5D U-Net, 3D U-Net, slice stack and Frangi", ""]
+    if results["quick"]:
+        lines += ["> **Quick run** (`--quick`): tiny sizes, tiny networks and a budget of seconds. It checks that "
+                  "the benchmark works; its numbers say nothing about the methods.", ""]
+    lines += [
+        f"Written by `{results['command']}` on {env['date']} in {fmt(results.get('total_seconds'), '.0f')} s.",
+        f"Machine: {env['cpu']}, {env['cores']} cores ({env['cores_available']} available to the run), "
+        f"{fmt(env['memory_gb'], '.0f')} GB RAM; {env['threads']} torch threads; python {env['python']}, "
+        f"torch {env['torch']}, monai {env['monai']}; load average (1, 5, 15 min) "
+        f"{_load(env.get('load_average'))} at the start, {_load(env.get('load_average_end'))} at the end "
+        "(other processes on the machine slow the timings down). Raw numbers: `benchmarks.json` beside this page.",
+        "",
+        "Every measurement runs in a fresh process (`python -m scripts.benchmark measure ...`), so its peak "
+        "resident memory is its own. *Peak RSS* is the process's high-water mark during the measured work "
+        "(reset with `/proc/self/clear_refs` once imports, model and data exist); *increase* is that peak "
+        "minus the RSS at the reset, the memory the work itself needed; *process peak* is the whole child's "
+        "`ru_maxrss`. Times are medians of "
+        f"{s['repeats']} run(s) after one warm-up, timed once the child's torch thread pool answers promptly "
+        "(`settle_s` in the JSON: on a loaded machine a fresh process's worker threads lag for seconds). "
+        "Inputs of B1-B3 are random tensors; weights are untrained.",
+        "",
+        "## Targets (issue 5)",
+        "",
+        markdown_table(["benchmark", "target", "measured", "where", "status"],
+                       [[t["benchmark"], t["target"], t["display"], t["where"], f"**{t['status']}**"]
+                        for t in results["targets"]]),
+        "",
+    ]
+    if "speed" in images:
+        lines += [f"![B1 and B2: time and memory](images/{images['speed']})", ""]
+    if "B1" in results:
+        lines += ["## B1 inference, whole volume", "",
+                  f"2.5D: `UNet25D()` defaults (p = 16, MIP), eval, `no_grad`, one pass over the whole volume. "
+                  f"3D: MONAI `UNet(spatial_dims=3, channels=(16,32,64,128,256), strides=(2,2,2,2), "
+                  f"num_res_units=2)` under `SlidingWindowInferer(roi_size={s['roi_size']}, overlap=0.25)`, "
+                  "sigmoid included.", "", _speed_section(results["B1"], "inference"), ""]
+    if "B2" in results:
+        lines += ["## B2 one training step (batch 1, Adam)", "",
+                  f"2.5D: both paths of random 2.5D training (`scripts.training.train_step`, q = {s['num_subset']}, "
+                  "`TwoPathDiceLoss`); 3D U-Net: `DiceLoss(sigmoid=True)`. Random crops, label about 5 % foreground.",
+                  "", _speed_section(results["B2"], "training step"), ""]
+    if "B3" in results:
+        lines += ["## B3 operators against the memory floor", "",
+                  f"`scripts.benchmark_operators.measure` with p = {results['B3']['p']}: median time of each operator "
+                  "over the floor (p passes of `torch.amax` over one axis of a same-size volume).", "",
+                  _b3_section(results["B3"]), ""]
+        if "B3" in images:
+            lines += [f"![B3 operators](images/{images['B3']})", ""]
+    if "B4" in results:
+        b4 = results["B4"]
+        d = b4.get("dataset", {})
+        lines += ["## B4 accuracy at an equal training budget", "",
+                  f"Each model trained for {fmt(b4.get('budget_s'), '.0f')} s of training wall-clock (batch loading "
+                  "and steps; validation excluded; the last step may overrun, see *train s*) on the same "
+                  "synthetic training split, validated every "
+                  f"{fmt(b4.get('val_every_s'), '.0f')} s, best validation checkpoint tested. Data: "
+                  f"{d.get('num_cases')} synthetic cases (seed {d.get('seed')}, size {d.get('size') or 'drawn'}, "
+                  f"spacing {d.get('spacing') or 'drawn'}): {d.get('training')} training, {d.get('validation')} "
+                  f"validation, {d.get('test')} test. Preprocessing from `configs/train.json`, the same random "
+                  f"crops of {s['crop']} for every model (a baseline config's own `roi_size` is replaced); "
+                  "metrics on each case's own grid after `Invertd`. 2.5D models infer the whole "
+                  f"volume; the 3D U-Net uses sliding windows of the crop size, overlap 0.25. Frangi: "
+                  "`scripts.frangi.fit` on the training split.", "", _b4_section(b4), ""]
+        if "B4" in images:
+            lines += [f"![B4 validation Dice against time](images/{images['B4']})", ""]
+    if "B5" in results:
+        b5 = results["B5"]
+        rows = [[str(r["p"]), fmt(r["dice"], ".3f"), fmt(r["seconds_per_case"], ".3f"), fmt(r["increase_mb"], ".0f")]
+                for r in b5.get("rows", [])]
+        lines += ["## B5 directions at inference", "",
+                  f"The B4 2.5D model (trained for {fmt(s.get('budget_s'), '.0f')} s with p = {b5.get('trained_p')}) "
+                  "with `num_directions` set to p at "
+                  f"inference, on the {b5.get('num_test_cases')} test case(s): mean Dice, median seconds per case "
+                  "(forward only, after a warm-up pass over the cases) and peak RSS increase.",
+                  "" if "error" not in b5 else f"\nFailed: {b5['error']}\n",
+                  markdown_table(["p", "test Dice", "s per case", "increase (MiB)"], rows), ""]
+        if "B5" in images:
+            lines += [f"![B5 directions](images/{images['B5']})", ""]
+    lines += ["## Reproduce", "", "From the bundle root:", "", "```bash", results["command"], "```", ""]
+    return "\n".join(lines)

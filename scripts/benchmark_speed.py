@@ -1,0 +1,190 @@
+"""Speed and memory measurements of ``python -m scripts.benchmark`` (B1, B2, B3), one per process.
+
+Each function here runs inside a fresh child process started by :mod:`scripts.benchmark`, so
+its peak resident set size (RSS) belongs to this measurement alone. :class:`MemoryProbe` resets
+the kernel's high-water mark (``VmHWM``) once the model and the data exist, so the peak it
+reports covers the warm-up and the timed repeats and nothing before them; the increase over the
+RSS at that moment is the memory the measured work itself needed.
+
+- B1 :func:`inference`: one whole-volume pass of ``UNet25D`` (eval, no grad) or MONAI's 3D
+  ``UNet`` under ``SlidingWindowInferer``.
+- B2 :func:`train_step`: one optimiser step, random 2.5D (both paths, ``TwoPathDiceLoss``) or
+  3D U-Net (``DiceLoss``), batch 1.
+- B3 :func:`operators`: M and R against the memory floor, from ``scripts.benchmark_operators``.
+
+Inputs are random tensors of the requested size (untrained weights): the time and memory of
+these networks do not depend on the image content.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.losses import DiceLoss
+from monai.networks.nets import UNet
+
+from scripts import benchmark_operators
+from scripts.losses import TwoPathDiceLoss
+from scripts.net import UNet25D
+from scripts.training import train_step as two_path_step
+
+__all__ = ["MemoryProbe", "settle_threads", "time_repeats", "unet3d", "inference", "train_step", "operators"]
+
+logger = logging.getLogger(__name__)
+
+UNET3D_CHANNELS = (16, 32, 64, 128, 256)
+UNET3D_STRIDES = (2, 2, 2, 2)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line (is this Linux?).")
+
+
+class MemoryProbe:
+    """Peak RSS of this process from now on, and its increase over the RSS of now (MiB).
+
+    Writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM`` to the current RSS (Linux 4.0+).
+    Where that is refused, the peak is the process's whole lifetime peak (``reset`` is False).
+    """
+
+    def __init__(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.baseline_kib = _status_kib("VmRSS")
+
+    def read(self) -> dict[str, float | bool]:
+        peak = max(_status_kib("VmHWM"), self.baseline_kib)
+        return {
+            "baseline_rss_mb": self.baseline_kib / 1024,
+            "peak_rss_mb": peak / 1024,
+            "increase_mb": (peak - self.baseline_kib) / 1024,
+            "peak_reset": self.reset,
+        }
+
+
+def settle_threads(max_seconds: float = 15.0, streak: int = 20, fast_s: float = 1e-3) -> float:
+    """Run small multi-threaded reductions until ``streak`` in a row each take under ``fast_s``.
+
+    Seen on a loaded machine: for the first seconds of a fresh process every parallel region of
+    torch's thread pool waits about a scheduler tick (~10 ms) for its worker threads, which
+    inflates whatever is timed first (e.g. B3's floor, 16 tiny reductions, by 100×). This waits
+    that out (at most ``max_seconds``); on an idle machine it returns within milliseconds.
+
+    Returns:
+        the seconds it took.
+    """
+    x = torch.rand(1, 1, 64, 64, 32)
+    start = time.perf_counter()
+    fast = 0
+    while fast < streak and time.perf_counter() - start < max_seconds:
+        tick = time.perf_counter()
+        x.amax(2)
+        fast = fast + 1 if time.perf_counter() - tick < fast_s else 0
+    return time.perf_counter() - start
+
+
+def time_repeats(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
+    fn()  # warm-up: operator caches, allocator pools, lazy initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def unet3d(channels: Sequence[int] = UNET3D_CHANNELS, strides: Sequence[int] = UNET3D_STRIDES) -> UNet:
+    """The bundle's 3D U-Net baseline (MONAI ``UNet``, two residual units), logits out."""
+    return UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=channels, strides=strides, num_res_units=2)
+
+
+def _summary(times: list[float], probe: MemoryProbe, settle_s: float) -> dict:
+    return {"seconds": statistics.median(times), "times": times, "settle_s": settle_s, **probe.read()}
+
+
+def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[int], overlap: float = 0.25) -> dict:
+    """B1: whole-volume inference of ``model`` (``"unet25d"`` or ``"unet3d"``) on ``(1, 1, *size)``.
+
+    Args:
+        model: ``"unet25d"``: ``UNet25D()`` defaults (p = 16), one pass over the whole volume;
+            ``"unet3d"``: the 3D U-Net under ``SlidingWindowInferer(roi_size, overlap)``.
+        size: ``(H, W, D)``.
+        repeats: timed passes after one warm-up.
+        roi_size: the 3D U-Net's window.
+        overlap: the 3D U-Net's window overlap.
+    """
+    x = torch.rand(1, 1, *size)
+    if model == "unet25d":
+        net = UNet25D().eval()
+        run = lambda: net(x)  # noqa: E731
+    elif model == "unet3d":
+        net = unet3d().eval()
+        inferer = SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=1, overlap=overlap)
+        run = lambda: torch.sigmoid(inferer(x, net))  # noqa: E731
+    else:
+        raise ValueError(f"unknown model {model!r}; valid ones are 'unet25d' and 'unet3d'.")
+    logger.info("B1 inference: %s on %s, %d repeat(s)", model, list(size), repeats)
+    settle_s = settle_threads()
+    probe = MemoryProbe()
+    with torch.no_grad():
+        times = time_repeats(run, repeats)
+    return _summary(times, probe, settle_s)
+
+
+def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int = 4, lr: float = 1e-3) -> dict:
+    """B2: one optimiser step (Adam, batch 1) of ``model`` on a random crop ``(1, 1, *size)``.
+
+    ``"unet25d"``: ``UNet25D()`` defaults (p = 16), both paths with ``q = num_subset``
+    (``scripts.training.train_step``, ``TwoPathDiceLoss``); ``"unet3d"``: the 3D U-Net with
+    ``DiceLoss(sigmoid=True)``. The label is a random mask of about 5 % foreground.
+    """
+    x = torch.rand(1, 1, *size)
+    y = (torch.rand(1, 1, *size) > 0.95).float()
+    if model == "unet25d":
+        net = UNet25D()
+        loss_fn: torch.nn.Module = TwoPathDiceLoss()
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        run = lambda: two_path_step(net, optimizer, loss_fn, x, y, num_subset)  # noqa: E731
+    elif model == "unet3d":
+        net = unet3d()
+        loss_fn = DiceLoss(sigmoid=True)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+
+        def run() -> float:
+            net.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+
+    else:
+        raise ValueError(f"unknown model {model!r}; valid ones are 'unet25d' and 'unet3d'.")
+    logger.info("B2 training step: %s on %s, %d repeat(s)", model, list(size), repeats)
+    settle_s = settle_threads()
+    probe = MemoryProbe()
+    times = time_repeats(run, repeats)
+    return _summary(times, probe, settle_s)
+
+
+def operators(size: Sequence[int], num_directions: int, repeats: int) -> dict:
+    """B3: median seconds of the floor, M, R, R* and the 2D U-Net (``benchmark_operators.measure``)."""
+    logger.info("B3 operators: %s with p = %d, %d repeat(s)", list(size), num_directions, repeats)
+    settle_s = settle_threads()
+    probe = MemoryProbe()
+    seconds = benchmark_operators.measure(list(size), num_directions, repeats)
+    return {"seconds": seconds, "settle_s": settle_s, **probe.read()}

@@ -1,0 +1,187 @@
+"""The benchmark CLI runs end to end (quick mode, tiny budget) and its pure helpers are right."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from parameterized import parameterized
+
+from scripts import benchmark_accuracy
+from scripts.benchmark import BENCHMARKS, run
+from scripts.benchmark_report import (
+    check_targets,
+    fmt,
+    markdown_table,
+    ratio,
+    render,
+    size_str,
+    speed_ratios,
+    target_status,
+)
+from scripts.benchmark_speed import MemoryProbe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@parameterized.expand(
+    [[6.0, 2.0, 3.0], [1.0, 0.0, None], [None, 2.0, None], [float("nan"), 1.0, None], [1.0, -1.0, None]]
+)
+def test_ratio(numerator, denominator, expected):
+    assert ratio(numerator, denominator) == expected
+
+
+@parameterized.expand([[1.23456, ".2f", "", "1.23"], [2.0, ".1f", "×", "2.0×"], [None, ".2f", "", "–"],
+                       [float("inf"), ".2f", "", "–"]])
+def test_fmt(value, spec, suffix, expected):
+    assert fmt(value, spec, suffix) == expected
+
+
+def test_size_str_and_markdown_table():
+    assert size_str([256, 256, 128]) == "256×256×128"
+    table = markdown_table(["a", "b"], [["1", "2"], ["3", "4"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |", "| 3 | 4 |"]
+    with pytest.raises(ValueError):
+        markdown_table(["a", "b"], [["1"]])
+
+
+@parameterized.expand([[5.0, 5.0, True, "met"], [4.9, 5.0, True, "not met"], [3.9, 4.0, False, "met"],
+                       [4.1, 4.0, False, "not met"], [None, 4.0, False, "not measured"],
+                       [float("nan"), 1.0, True, "not measured"]])
+def test_target_status(value, threshold, higher, expected):
+    assert target_status(value, threshold, higher) == expected
+
+
+def _speed_rows(size, t25, t3, inc25, inc3):
+    return [{"model": "unet25d", "size": size, "seconds": t25, "peak_rss_mb": 500.0 + inc25, "increase_mb": inc25},
+            {"model": "unet3d", "size": size, "seconds": t3, "peak_rss_mb": 500.0 + inc3, "increase_mb": inc3}]
+
+
+def test_speed_ratios_are_3d_over_25d():
+    (row,) = speed_ratios(_speed_rows([8, 8, 4], 1.0, 6.0, 100.0, 400.0))
+    assert row["size"] == [8, 8, 4]
+    assert row["time_3d_over_25d"] == pytest.approx(6.0)
+    assert row["increase_3d_over_25d"] == pytest.approx(4.0)
+    assert row["peak_3d_over_25d"] == pytest.approx(900.0 / 600.0)
+
+
+def test_targets_met_and_not_met():
+    b1 = _speed_rows([256, 256, 128], 1.0, 6.0, 100.0, 200.0) + _speed_rows([128, 128, 64], 1.0, 1.0, 1.0, 1.0)
+    b2 = _speed_rows([96, 96, 96], 1.0, 2.0, 10.0, 50.0)
+    results = {
+        "B1": {"ratios": speed_ratios(b1)},
+        "B2": {"ratios": speed_ratios(b2)},
+        "B3": {"rows": [{"size": [8, 8, 4], "ratios": {"M_max": 3.0, "R": 5.0}}]},
+        "B4": {"budget_s": 10.0, "models": {"unet25d": {"test": {"dice": 0.8}}, "unet3d": {"test": {"dice": 0.7}}},
+               "frangi": {"test": {"dice": 0.7}}},
+    }
+    targets = check_targets(results, [256, 256, 128], [128, 128, 128])
+    status = {t["target"]: t["status"] for t in targets}
+    assert status["2.5D inference ≥ 5× faster than 3D U-Net"] == "met"
+    assert status["2.5D inference memory ≤ 1/3 of 3D U-Net's"] == "not met"  # 2× only
+    assert status["M (max) ≤ 4× the memory floor"] == "met"
+    assert status["R ≤ 4× the memory floor"] == "not met"
+    assert status["2.5D test Dice ≥ 3D U-Net's at equal budget"] == "met"
+    assert status["2.5D test Dice ≥ Frangi's + 0.15"] == "not met"  # 0.8 - 0.7 = 0.1
+    b2_time = next(t for t in targets if t["benchmark"] == "B2" and "faster" in t["target"])
+    assert "not the target's 128×128×128" in b2_time["where"]  # measured at the largest size run instead
+    assert check_targets({}, [256, 256, 128], [128, 128, 128])[0]["status"] == "not measured"
+
+
+def test_render_marks_a_quick_run():
+    results = {"quick": True, "command": "python -m scripts.benchmark --quick", "total_seconds": 1.0,
+               "environment": {"date": "today", "cpu": "cpu", "cores": 2, "cores_available": 2, "memory_gb": 4.0,
+                               "threads": 2, "python": "3", "torch": "t", "monai": "m"},
+               "settings": {"repeats": 1, "roi_size": [8, 8, 8], "num_subset": 4, "crop": [8, 8, 8]},
+               "targets": check_targets({}, [256, 256, 128], [128, 128, 128])}
+    page = render(results, {})
+    assert "**Quick run**" in page
+    assert "python -m scripts.benchmark --quick" in page
+    assert "not measured" in page
+
+
+def test_render_and_targets_survive_failed_measurements():
+    failed = {"error": "exit code 1"}
+    results = {"quick": False, "command": "python -m scripts.benchmark", "total_seconds": 1.0,
+               "environment": {"date": "today", "cpu": "cpu", "cores": 2, "cores_available": 2, "memory_gb": 4.0,
+                               "threads": 2, "python": "3", "torch": "t", "monai": "m"},
+               "settings": {"repeats": 1, "roi_size": [8, 8, 8], "num_subset": 4, "crop": [8, 8, 8]},
+               "B1": {"rows": [{"model": m, "size": [8, 8, 4], **failed} for m in ("unet25d", "unet3d")]},
+               "B3": {"p": 4, "rows": [{"size": [8, 8, 4], **failed}]},
+               "B4": {"budget_s": 1.0, "models": {"unet25d": dict(failed)}, "frangi": dict(failed)},
+               "B5": {"rows": [], **failed}}
+    results["B1"]["ratios"] = speed_ratios(results["B1"]["rows"])
+    results["targets"] = check_targets(results, [8, 8, 4], [8, 8, 8])
+    assert {t["status"] for t in results["targets"]} == {"not measured"}
+    page = render(results, {})
+    assert page.count("failed: exit code 1") == 5
+    assert "Quick run" not in page
+
+
+def test_memory_probe_sees_an_allocation():
+    probe = MemoryProbe()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    measured = probe.read()
+    del block
+    assert measured["peak_rss_mb"] >= measured["baseline_rss_mb"]
+    if measured["peak_reset"]:
+        assert measured["increase_mb"] > 50
+
+
+def test_built_in_baselines_without_override_configs(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "configs")
+    shutil.copy(os.path.join(ROOT, "configs", "train.json"), tmp_path / "configs" / "train.json")
+    monkeypatch.setattr(benchmark_accuracy, "ROOT", str(tmp_path))
+    for model in ("unet3d", "slicestack"):
+        parser, source = benchmark_accuracy.model_parser(model, [16, 16, 16], tiny=True, batch=1)
+        assert source.startswith("built-in")
+        net = parser.get_parsed_content("network_def")
+        out = net.eval()(torch.rand(1, 1, 16, 16, 16))
+        assert out.shape == (1, 1, 16, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
+        assert parser["roi_size"] == [16, 16, 16]
+
+
+def test_run_rejects_bad_options(tmp_path):
+    with pytest.raises(ValueError):
+        run(quick=True, out=str(tmp_path), only="B9")
+    with pytest.raises(ValueError):
+        run(quick=True, out=str(tmp_path), budget=0)
+
+
+def test_quick_run_writes_page_json_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    # one thread, a 2 s budget and one repeat keep this near a minute and a half on 2 busy cores
+    cmd = [sys.executable, "-m", "scripts.benchmark", "--quick", f"--out={out}", "--budget=2", "--repeats=1",
+           "--threads=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "benchmarks.json").read_text())
+    assert results["quick"] is True
+    for bench in BENCHMARKS:
+        assert bench in results, bench
+    for bench in ("B1", "B2"):
+        assert {r["model"] for r in results[bench]["rows"]} == {"unet25d", "unet3d"}
+        assert all("error" not in r and r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in results[bench]["rows"])
+        assert results[bench]["ratios"][0]["time_3d_over_25d"] > 0
+    assert results["B3"]["rows"][0]["ratios"]["floor"] == 1.0
+    assert set(results["B4"]["models"]) == {"unet25d", "unet3d", "slicestack"}
+    for r in results["B4"]["models"].values():
+        assert "error" not in r and r["steps"] >= 1 and 0 <= r["test"]["dice"] <= 1 and r["curve"]
+    assert 0 <= results["B4"]["frangi"]["test"]["dice"] <= 1
+    assert [r["p"] for r in results["B5"]["rows"]] == [4, 8, 16, 32, 64]
+    assert len(results["targets"]) == 8
+    assert all(t["status"] in ("met", "not met", "not measured") for t in results["targets"])
+    assert results["environment"]["threads"] == 1 and results["environment"]["torch"]
+    assert results["settings"]["budget_s"] == 2.0 and results["B4"]["budget_s"] == 2.0
+    page = (out / "benchmarks.md").read_text()
+    assert "**Quick run**" in page and "--quick" in page
+    plots = ("benchmark_speed.png", "benchmark_operators.png", "benchmark_accuracy.png", "benchmark_directions.png")
+    for name in plots:
+        assert (out / "images" / name).stat().st_size > 0
+        assert f"images/{name}" in page

@@ -1,0 +1,141 @@
+"""ONNX export of the 2.5D U-Net with dynamic H, W, D, through the bundle's own command line.
+
+``python -m monai.bundle onnx_export`` on a tiny checkpoint, then onnxruntime in a fresh
+process (no project code, no torch model) on volumes of other sizes than the exported
+example, compared with the eager network. The operators are also checked under
+``torch.export`` alone: the exported graph follows the input's size and gives the eager values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")  # torch's ONNX exporter (dynamo=True) writes the graph with it
+pytest.importorskip("onnxruntime")
+
+from scripts.operators import Backprojection, Projection  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_NET = [
+    "--num_directions", "4",
+    "--network_def#channels", "[4,8,16]",
+    "--network_def#strides", "[2,2]",
+    "--network_def#num_res_units", "1",
+]
+EXPORT_SHAPE = [1, 1, 19, 22, 13]
+OTHER_SHAPES = [(1, 1, 23, 17, 11), (1, 1, 40, 9, 4), (1, 1, 3, 3, 3)]
+DYNAMIC = {"image": {2: "H", 3: "W", 4: "D"}, "pred": {2: "H", 3: "W", 4: "D"}}
+
+
+def tiny_net():
+    """The inference config's network with the tiny overrides, weights perturbed off their initialisation."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
+    parser.update({"num_directions": 4, "network_def#channels": [4, 8, 16], "network_def#strides": [2, 2],
+                   "network_def#num_res_units": 1})
+    net = parser.get_parsed_content("network_def")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("onnx")
+    net = tiny_net()
+    ckpt, onnx_path = str(tmp / "model.pt"), str(tmp / "model.onnx")
+    torch.save(net.state_dict(), ckpt)
+    command = [
+        sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", onnx_path,
+        "--ckpt_file", ckpt, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+        "--input_shape", json.dumps(EXPORT_SHAPE),
+        "--converter_kwargs", repr({"input_names": ["image"], "output_names": ["pred"], "dynamic_axes": DYNAMIC}),
+    ] + TINY_NET
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return {"tmp": tmp, "net": net, "onnx": onnx_path}
+
+
+def test_graph_has_dynamic_spatial_axes(exported):
+    import onnx
+
+    model = onnx.load(exported["onnx"])
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        assert [d.dim_param for d in dims[2:]] == ["H", "W", "D"], value.name
+    assert [v.name for v in model.graph.input] == ["image"]
+    assert [v.name for v in model.graph.output] == ["pred"]
+
+
+def test_onnxruntime_matches_eager_on_other_sizes(exported):
+    tmp = exported["tmp"]
+    inputs = [torch.rand(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(OTHER_SHAPES)]
+    for i, x in enumerate(inputs):
+        np.save(tmp / f"x{i}.npy", x.numpy())
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import onnxruntime
+        session = onnxruntime.InferenceSession({exported['onnx']!r}, providers=["CPUExecutionProvider"])
+        for i in range({len(inputs)}):
+            x = np.load({str(tmp)!r} + f"/x{{i}}.npy")
+            np.save({str(tmp)!r} + f"/y{{i}}.npy", session.run(["pred"], {{"image": x}})[0])
+        assert not any(m == "scripts" or m.startswith("scripts.") or m == "torch" for m in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=str(tmp), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i, x in enumerate(inputs):
+        with torch.no_grad():
+            expected = exported["net"](x)
+        actual = torch.from_numpy(np.load(tmp / f"y{i}.npy"))
+        assert actual.shape == x.shape
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=f"input shape {tuple(x.shape)}")
+
+
+class ProjectBackproject(torch.nn.Module):
+    """``R(M(x))`` with the net's direction bookkeeping, small enough to export in seconds."""
+
+    def __init__(self, reduction: str, num_directions: int = 5) -> None:
+        super().__init__()
+        self.projection = Projection(reduction)
+        self.backprojection = Backprojection()
+        self.num_directions = num_directions
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.projection(x, self.num_directions)
+        y = self.backprojection(q[:, :, :1], x.shape[2], x.shape[3], self.num_directions)
+        return q, y
+
+
+@pytest.mark.parametrize("reduction", ["max", "sum"])
+def test_exported_operators_follow_the_input_size(reduction):
+    eager = ProjectBackproject(reduction)
+    auto = torch.export.Dim.AUTO
+    example = torch.rand(2, 1, 9, 12, 5)
+    program = torch.export.export(eager, (example,), dynamic_shapes=({2: auto, 3: auto, 4: auto},), strict=False)
+    exported = program.module()
+    for shape in [(2, 1, 9, 12, 5), (2, 1, 17, 6, 3), (2, 1, 30, 31, 2)]:
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        (q, y), (q_ref, y_ref) = exported(x), eager(x)
+        assert q.shape == q_ref.shape and y.shape == y_ref.shape
+        if reduction == "max":  # the same operations per element: the same bits
+            assert torch.equal(q, q_ref) and torch.equal(y, y_ref)
+        else:  # the ray sums add in another order
+            torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
