@@ -108,7 +108,11 @@ class FineTuning(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1, 1)
-        return torch.sigmoid(self._pool(x) * self.scale.view(shape) + self.shift.view(shape))
+        pooled = self._pool(x)  # a new tensor, never a view of x
+        if torch.is_grad_enabled():
+            return torch.sigmoid(pooled * self.scale.view(shape) + self.shift.view(shape))
+        # inference: one volume-sized buffer instead of three
+        return pooled.mul_(self.scale.view(shape)).add_(self.shift.view(shape)).sigmoid_()
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size

@@ -46,6 +46,11 @@ class UNet25D(nn.Module):
             (then inference must use the training's ``num_directions``).
         filter_init: ``"identity"`` or ``"ramp"``.
         pool_size: odd window of ``T``'s average pooling.
+        direction_batch: projections per call of ``U`` where no gradient is recorded (inference,
+            and path 2's directions outside the subset): bounds the memory of the 2D feature
+            maps, the largest tensors of a whole-volume pass; 0 puts all through at once. The
+            result does not depend on it (instance norm is per image; with ``norm="BATCH"``
+            in training mode it would).
         margin: bins of edge replication added on every side of each projection (detector
             and z) before ``U`` and cropped after it, so that no bin that reaches a voxel sits
             at the U-Net's image border, where zero-padded convolutions give it unreliable
@@ -84,6 +89,7 @@ class UNet25D(nn.Module):
         filter_init: str = "identity",
         pool_size: int = 3,
         margin: int = 8,
+        direction_batch: int = 4,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -92,6 +98,8 @@ class UNet25D(nn.Module):
             raise ValueError(f"num_directions (p) must be at least 1, got {num_directions}.")
         if margin < 0:
             raise ValueError(f"margin must be at least 0, got {margin}.")
+        if direction_batch < 0:
+            raise ValueError(f"direction_batch must be at least 0 (0: no limit), got {direction_batch}.")
         if len(strides) != len(channels) - 1:
             raise ValueError("the length of `strides` should equal to `len(channels) - 1`.")
         self.in_channels = in_channels
@@ -102,6 +110,7 @@ class UNet25D(nn.Module):
             divisor *= s
         self.divisor = divisor
         self.margin = margin
+        self.direction_batch = direction_batch
         self.projection = Projection(reduction)
         self.unet = UNet(
             spatial_dims=2,
@@ -171,7 +180,13 @@ class UNet25D(nn.Module):
         pad_d = (-(d + 2 * m)) % self.divisor
         if m > 0 or pad_s > 0 or pad_d > 0:
             images = nn.functional.pad(images, [m, m + pad_d, m, m + pad_s], mode="replicate")
-        logits = self.unet(images)[:, :, m : m + n_s, m : m + d]
+        n, chunk = b * p, self.direction_batch
+        if chunk <= 0 or n <= chunk or torch.is_grad_enabled():
+            logits = self.unet(images)[:, :, m : m + n_s, m : m + d]
+        else:
+            logits = torch.empty((n, self.out_channels, n_s, d), dtype=images.dtype, device=images.device)
+            for i in range(0, n, chunk):
+                logits[i : i + chunk] = self.unet(images[i : i + chunk])[:, :, m : m + n_s, m : m + d]
         return logits.reshape(b, p, self.out_channels, n_s, d)
 
     def _check_input(self, x: torch.Tensor) -> None:

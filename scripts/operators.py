@@ -80,6 +80,23 @@ def _cached_adjoint_matrices(
     return matrices
 
 
+def _fill(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The value of samples outside the volume, per image and channel, as one row ``(1, B * C * D)``.
+
+    The volume's minimum for ``"max"`` and maximum for ``"min"`` (so that outside samples never
+    win the reduction), 0 for ``"sum"``.
+    """
+    b, c, d = x.shape[0], x.shape[1], x.shape[4]
+    per_channel = x.reshape(b, c, -1)
+    if reduction == "max":
+        fill = per_channel.amin(-1)
+    elif reduction == "min":
+        fill = per_channel.amax(-1)
+    else:
+        fill = torch.zeros(b, c, dtype=x.dtype, device=x.device)
+    return fill[:, :, None].expand(b, c, d).reshape(1, b * c * d)
+
+
 @torch.jit.unused
 def exporting() -> bool:
     """Whether the code runs under ``torch.export`` (e.g. ``torch.onnx.export(..., dynamo=True)``)."""
@@ -159,14 +176,7 @@ class Projection(nn.Module):
         b, c, h, w, d = x.shape
         n_s, e = detector_size(h, w), b * c * d
         plane = x.permute(2, 3, 0, 1, 4).reshape(h * w, e)
-        per_channel = x.reshape(b, c, -1)
-        if self.reduction == "max":
-            fill = per_channel.amin(-1)
-        elif self.reduction == "min":
-            fill = per_channel.amax(-1)
-        else:
-            fill = torch.zeros(b, c, dtype=x.dtype, device=x.device)
-        fill = fill[:, :, None].expand(b, c, d).reshape(1, e)
+        fill = _fill(x, self.reduction)
         angles = direction_angles(num_directions)
         projections = []
         for k in dirs:
@@ -194,14 +204,7 @@ class Projection(nn.Module):
         e = b * c * d
         # plane voxels as rows of whole z-columns: a view, no copy, when B * C == 1
         plane = x.permute(2, 3, 0, 1, 4).reshape(h * w, e)
-        per_channel = x.reshape(b, c, -1)
-        if self.reduction == "max":
-            fill = per_channel.amin(-1)
-        elif self.reduction == "min":
-            fill = per_channel.amax(-1)
-        else:
-            fill = torch.zeros(b, c, dtype=x.dtype, device=x.device)
-        fill = fill[:, :, None].expand(b, c, d).reshape(1, e)
+        fill = _fill(x, self.reduction)
         out = torch.empty(len(tables), n_s, e, dtype=x.dtype, device=x.device)
         rows = max(1, self.chunk_elements // (n_s * e))
         first_buf = torch.empty(rows * n_s, e, dtype=x.dtype, device=x.device)

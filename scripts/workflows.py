@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Sequence
 
-__all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section"]
+__all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section", "PreviewSaver"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +104,48 @@ def replace_doc_section(path: str, name: str, text: str) -> None:
     head, rest = content.split(start, 1)
     with open(path, "w") as f:
         f.write(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+
+
+class PreviewSaver:
+    """An ignite handler that draws a MIP preview (PNG) of every segmented case on request.
+
+    Attached to the inference evaluator (``configs/inference.json``, ``--save_previews true``):
+    after each iteration it reads the segmentation that the postprocessing's ``SaveImaged`` has
+    just written, ``<seg_dir>/<case><postfix>.nii.gz``, and draws it over its input image with
+    :func:`scripts.preview.save_mip_preview` into ``<preview_dir>/<case>.png``.
+
+    Args:
+        seg_dir: where the segmentations are written (the ``SaveImaged`` ``output_dir``).
+        preview_dir: where the PNG files go (default: ``seg_dir``).
+        enabled: draw previews; when False the handler attaches nothing (so a config can keep
+            it in its handler list and switch it with one id).
+        postfix: the segmentation's file name postfix after the case name.
+    """
+
+    def __init__(self, seg_dir: str, preview_dir: str | None = None, enabled: bool = True, postfix: str = "_seg"):
+        self.seg_dir = seg_dir
+        self.preview_dir = preview_dir or seg_dir
+        self.enabled = enabled
+        self.postfix = postfix
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        from scripts.data import case_name
+        from scripts.preview import save_mip_preview
+
+        batch = engine.state.batch  # a list of per-case dicts once the evaluator has decollated it
+        items = batch if isinstance(batch, list) else [batch]
+        sources = []
+        for item in items:
+            source = item["image"].meta["filename_or_obj"]
+            sources += source if isinstance(source, (list, tuple)) else [source]
+        for source in sources:
+            name = case_name(str(source))
+            seg = os.path.join(self.seg_dir, f"{name}{self.postfix}.nii.gz")
+            out = save_mip_preview(str(source), seg, os.path.join(self.preview_dir, f"{name}.png"), title=name)
+            logger.info("preview of %s: %s", name, out)

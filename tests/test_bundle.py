@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -21,22 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_NET = [
-    "--num_directions", "4",
-    "--network_def#channels", "[4,8,16]",
-    "--network_def#strides", "[2,2]",
-    "--network_def#num_res_units", "1",
-]
+from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET, run
+
 TINY = TINY_NET + ["--num_workers", "0", "--pixdim", "[1.0,1.0,1.0]"]
-BUNDLE_CMD = [sys.executable, "-m", "monai.bundle"]
-
-
-def run(args, cwd=ROOT, env=None, check=True):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
 
 
 def odd_volume(folder):
@@ -117,13 +103,14 @@ def test_inference_matches_input_grids(bundle):
         assert seg.get_data_dtype() == np.uint8
         np.testing.assert_allclose(seg.affine, image.affine.numpy(), atol=1e-4)
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+    assert not [f for f in os.listdir(out) if f.endswith(".png")], "previews are drawn only on request"
 
 
-def test_inference_datalist_test_split(bundle):
+def test_inference_datalist_test_split_with_previews(bundle):
     out = str(bundle["tmp"] / "seg_test")
     run(BUNDLE_CMD + [
         "run", "inference", "--config_file", "configs/inference.json", "--dataset_dir", bundle["data"],
-        "--output_dir", out, "--ckpt_dir", bundle["ckpt"],
+        "--output_dir", out, "--ckpt_dir", bundle["ckpt"], "--save_previews", "true",
     ] + TINY)
     test = json.load(open(os.path.join(bundle["data"], "dataset.json")))["test"]
     for entry in test:
@@ -131,6 +118,9 @@ def test_inference_datalist_test_split(bundle):
         seg = nib.load(os.path.join(out, os.path.basename(entry["image"]).replace(".nii.gz", "_seg.nii.gz")))
         assert seg.shape == image.shape
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-4)
+        preview = os.path.join(out, os.path.basename(entry["image"]).replace(".nii.gz", ".png"))
+        with open(preview, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_user_dataset_dir_fails_clearly(bundle):

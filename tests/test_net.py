@@ -102,6 +102,22 @@ def test_torchscript_matches_eager(kwargs):
         assert torch.allclose(scripted(other), net(other), atol=1e-5)
 
 
+@parameterized.expand([[0], [1], [3], [8]])
+def test_direction_batch_and_inference_buffers_keep_the_output(direction_batch):
+    """U in chunks of directions and T's in-place inference path give the graph-recording result."""
+    net = UNet25D(num_directions=7, direction_batch=direction_batch, **TINY)
+    reference = UNet25D(num_directions=7, direction_batch=0, **TINY)
+    reference.load_state_dict(net.state_dict())
+    x = torch.rand(2, 1, 21, 17, 9)
+    net.eval()
+    reference.eval()
+    with torch.no_grad():
+        chunked = net(x)
+    expected = reference(x)  # gradients recorded: U in one call, T out of place
+    assert expected.requires_grad
+    torch.testing.assert_close(chunked, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
 @parameterized.expand(
     [
         ["rank", torch.rand(1, 8, 8, 8)],
@@ -124,6 +140,8 @@ def test_bad_input_raises(_, x):
         [dict(reduction="mean")],
         [dict(filter_size=4)],
         [dict(in_channels=0)],
+        [dict(margin=-1)],
+        [dict(direction_batch=-1)],
     ]
 )
 def test_bad_hyper_parameters_raise(kwargs):

@@ -22,15 +22,10 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")  # torch's ONNX exporter (dynamo=True) writes the graph with it
 pytest.importorskip("onnxruntime")
 
+from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET, TINY_NET_OVERRIDES, run  # noqa: E402
+
 from scripts.operators import Backprojection, Projection  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_NET = [
-    "--num_directions", "4",
-    "--network_def#channels", "[4,8,16]",
-    "--network_def#strides", "[2,2]",
-    "--network_def#num_res_units", "1",
-]
 EXPORT_SHAPE = [1, 1, 19, 22, 13]
 OTHER_SHAPES = [(1, 1, 23, 17, 11), (1, 1, 40, 9, 4), (1, 1, 3, 3, 3)]
 DYNAMIC = {"image": {2: "H", 3: "W", 4: "D"}, "pred": {2: "H", 3: "W", 4: "D"}}
@@ -42,8 +37,7 @@ def tiny_net():
 
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
-    parser.update({"num_directions": 4, "network_def#channels": [4, 8, 16], "network_def#strides": [2, 2],
-                   "network_def#num_res_units": 1})
+    parser.update(TINY_NET_OVERRIDES)
     net = parser.get_parsed_content("network_def")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -58,14 +52,12 @@ def exported(tmp_path_factory):
     net = tiny_net()
     ckpt, onnx_path = str(tmp / "model.pt"), str(tmp / "model.onnx")
     torch.save(net.state_dict(), ckpt)
-    command = [
-        sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", onnx_path,
+    run(BUNDLE_CMD + [
+        "onnx_export", "network_def", "--filepath", onnx_path,
         "--ckpt_file", ckpt, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
         "--input_shape", json.dumps(EXPORT_SHAPE),
         "--converter_kwargs", repr({"input_names": ["image"], "output_names": ["pred"], "dynamic_axes": DYNAMIC}),
-    ] + TINY_NET
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    ] + TINY_NET, timeout=600)
     return {"tmp": tmp, "net": net, "onnx": onnx_path}
 
 
