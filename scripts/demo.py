@@ -52,7 +52,7 @@ def _results_text(table: str, num_cases: int, size: int, epochs: int, roi_size: 
         f"crops, a few minutes on 2 CPU cores):\n\n{table}\n\n"
         "This is a smoke-level training run that shows the pipeline end to end, not the accuracy the "
         "model reaches with a full training; the comparison with MONAI's 3D U-Net, the slice-stack "
-        "2.5D U-Net and Frangi vesselness at equal budget comes from the benchmark suite."
+        "2.5D U-Net and Frangi vesselness at equal budget comes from the benchmark suite (docs/benchmarks.md)."
     )
 
 
