@@ -1,0 +1,149 @@
+"""Image files of a dataset: suffixes, case names, listing, and checks from the header alone.
+
+Images are NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
+``.mhd``). :func:`check_image` and :func:`check_pair` read only headers (cheap, before training
+starts): readable, a single-channel 3D volume, and a label on its image's grid (same shape and
+affine). Bad input raises :class:`DatasetError` (a ``ValueError``) or
+:class:`DatasetNotFoundError` (a ``FileNotFoundError``), always naming the file or folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "case_name",
+    "is_image",
+    "list_images",
+    "read_header",
+    "check_image",
+    "check_pair",
+]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class DatasetError(ValueError):
+    """A dataset file or datalist is not usable; the message names it."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder or file does not exist or holds no cases; the message names it."""
+
+
+def case_name(path: str) -> str:
+    """The case name of an image file: its base name without the image suffix."""
+    base = os.path.basename(path)
+    for suffix in IMAGE_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def is_image(path: str) -> bool:
+    base = os.path.basename(path)
+    return not base.startswith(".") and base.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files directly in ``folder``, sorted by name (hidden files left out)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image(os.path.join(folder, f)))
+
+
+def _itk_header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
+    """Shape, RAS affine and components per voxel of an ITK-readable file, from its header."""
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise DatasetError(f"cannot read {path}: no ITK image reader accepts this file.")
+    io.SetFileName(path)
+    io.ReadImageInformation()
+    ndim = io.GetNumberOfDimensions()
+    shape = tuple(int(io.GetDimensions(i)) for i in range(ndim))
+    direction = np.array([io.GetDirection(i) for i in range(ndim)], dtype=float).T
+    spacing = np.array([io.GetSpacing(i) for i in range(ndim)], dtype=float)
+    origin = np.array([io.GetOrigin(i) for i in range(ndim)], dtype=float)
+    affine = np.eye(ndim + 1)
+    affine[:ndim, :ndim] = direction * spacing
+    affine[:ndim, ndim] = origin
+    # ITK's world is LPS; flip the first two world axes to RAS, as MONAI's ITKReader does
+    flip = np.diag([-1.0, -1.0] + [1.0] * (ndim - 1)) if ndim >= 2 else np.eye(ndim + 1)
+    return shape, flip @ affine, int(io.GetNumberOfComponents())
+
+
+def read_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """The array shape and voxel-to-world (RAS) affine of an image file, from its header.
+
+    Raises:
+        DatasetNotFoundError: the file does not exist.
+        DatasetError: the file cannot be read (the reader's message is kept).
+    """
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"no such image file: {path}")
+    try:
+        if path.lower().endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(path)
+            return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=float)
+        shape, affine, components = _itk_header(path)
+    except DatasetError:
+        raise
+    except Exception as error:  # the readers raise many types; name the file whatever it is
+        raise DatasetError(f"cannot read {path}: {error}") from error
+    if components != 1:
+        shape = shape + (components,)
+    return shape, affine
+
+
+def check_image(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Check that ``path`` is a readable single-channel 3D volume; returns its shape and affine.
+
+    Raises:
+        DatasetNotFoundError: the file does not exist.
+        DatasetError: unreadable, or not 3D (2D, 4D, vector voxels, or a single slice).
+    """
+    shape, affine = read_header(path)
+    if len(shape) == 4:
+        raise DatasetError(
+            f"{path} is not a 3D volume: its shape is {list(shape)} (4D, several channels or time points, as in "
+            "multi-modal MSD tasks); the bundle reads single-channel 3D images."
+        )
+    if len(shape) != 3:
+        raise DatasetError(f"{path} is not a 3D volume: its shape is {list(shape)} ({len(shape)}D).")
+    if min(shape) < 2:
+        raise DatasetError(f"{path} is a single slice, not a 3D volume: its shape is {list(shape)}.")
+    return shape, affine
+
+
+def check_pair(image: str, label: str, atol: float = 1e-3) -> None:
+    """Check an image and its label: both valid volumes with the same shape and affine.
+
+    Args:
+        image: the image file.
+        label: the label file.
+        atol: tolerance (mm) on the affines' entries.
+
+    Raises:
+        DatasetNotFoundError, DatasetError: see :func:`check_image`; or the label's shape or
+        affine differs from the image's.
+    """
+    image_shape, image_affine = check_image(image)
+    label_shape, label_affine = check_image(label)
+    if image_shape != label_shape:
+        raise DatasetError(
+            f"the label {label} has shape {list(label_shape)} but its image {image} has shape {list(image_shape)}."
+        )
+    if not np.allclose(image_affine, label_affine, atol=atol, rtol=1e-5):
+        raise DatasetError(
+            f"the label {label} and its image {image} have different affines (voxel grids):\n"
+            f"label:\n{np.round(label_affine, 4)}\nimage:\n{np.round(image_affine, 4)}"
+        )
