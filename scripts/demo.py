@@ -6,9 +6,9 @@ command lines in ``README.md`` and ``docs/README.md``), with a few overrides tha
 1. synthetic TOF-MRA cases in ``data/synthetic`` (:mod:`scripts.synthetic`; kept if present),
 2. training (``configs/train.json``, ``run training``) -> ``models/model.pt``,
 3. evaluation on the test cases (``train.json`` + ``evaluate.json``) -> Dice, clDice, HD95 CSVs,
-4. inference on the test cases (``configs/inference.json``) -> ``<case>_seg.nii.gz``,
-5. TorchScript export (``ckpt_export``) -> ``models/model.ts``,
-6. MIP previews of every test image with its segmentation (:mod:`scripts.preview`).
+4. inference on the test cases (``configs/inference.json``) -> ``<case>_seg.nii.gz`` and a MIP
+   preview of every test image with its segmentation (``--save_previews``),
+5. TorchScript export (``ckpt_export``) -> ``models/model.ts``.
 
 Command line, from the bundle root::
 
@@ -94,8 +94,6 @@ def run_demo(
     from monai.bundle import ckpt_export
     from monai.bundle import run as bundle_run
 
-    from scripts.data import inference_datalist
-    from scripts.preview import save_mip_preview
     from scripts.synthetic import write_dataset
     from scripts.workflows import metrics_markdown, replace_doc_section
 
@@ -115,7 +113,7 @@ def run_demo(
         "num_workers": num_workers,
     }
 
-    t = _step("1/6 synthetic data")
+    t = _step("1/5 synthetic data")
     if os.path.isfile(os.path.join(paths["dataset"], "dataset.json")):
         logger.info("using the existing dataset in %s", paths["dataset"])
     else:
@@ -123,35 +121,25 @@ def run_demo(
                       test_fraction=0.2, num_workers=max(1, num_workers))
     logger.info("step done in %.0f s", time.time() - t)
 
-    t = _step(f"2/6 training, {epochs} epochs (configs/train.json)")
+    t = _step(f"2/5 training, {epochs} epochs (configs/train.json)")
     bundle_run("training", config_file=_config("train.json"), output_dir=metrics_dir, epochs=epochs,
                val_interval=val_interval,
                roi_size=[roi_size] * 3, batch_size=1, num_samples=2, learning_rate=learning_rate, **common)
     logger.info("step done in %.0f s", time.time() - t)
 
-    t = _step("3/6 evaluation on the test cases (configs/evaluate.json)")
+    t = _step("3/5 evaluation on the test cases (configs/evaluate.json)")
     bundle_run("evaluating", config_file=[_config("train.json"), _config("evaluate.json")], output_dir=metrics_dir,
                eval_split="test", **common)
     logger.info("step done in %.0f s", time.time() - t)
 
-    t = _step("4/6 inference on the test cases (configs/inference.json)")
-    bundle_run("inference", config_file=_config("inference.json"), output_dir=seg_dir, **common)
+    t = _step("4/5 inference on the test cases, with MIP previews (configs/inference.json)")
+    bundle_run("inference", config_file=_config("inference.json"), output_dir=seg_dir, save_previews=True,
+               preview_dir=preview_dir, **common)
     logger.info("step done in %.0f s", time.time() - t)
 
-    t = _step("5/6 TorchScript export (ckpt_export)")
+    t = _step("5/5 TorchScript export (ckpt_export)")
     ckpt_export("network_def", filepath=torchscript, ckpt_file=checkpoint, meta_file=_config("metadata.json"),
                 config_file=_config("inference.json"), bundle_root=BUNDLE_ROOT)
-    logger.info("step done in %.0f s", time.time() - t)
-
-    t = _step("6/6 MIP previews of the test cases with their segmentations")
-    from scripts.data import case_name
-
-    previews = []
-    for entry in inference_datalist(paths["dataset"], check=False):
-        name = case_name(entry["image"])
-        seg = os.path.join(seg_dir, f"{name}_seg.nii.gz")
-        out = os.path.join(preview_dir, f"{name}.png")
-        previews.append(save_mip_preview(entry["image"], seg, out_path=out, title=f"{name}: image and segmentation"))
     logger.info("step done in %.0f s", time.time() - t)
 
     results = {
@@ -161,7 +149,7 @@ def run_demo(
         "metrics": os.path.join(metrics_dir, "metrics.csv"),
         "metrics per case": os.path.join(metrics_dir, "<metric>_raw.csv"),
         "segmentations": seg_dir,
-        "previews": f"{preview_dir} ({len(previews)} PNG files)",
+        "previews": f"{preview_dir} ({len([f for f in os.listdir(preview_dir) if f.endswith('.png')])} PNG files)",
     }
     if update_docs:
         table = metrics_markdown(metrics_dir, METRICS, ["Dice", "clDice", "HD95 (mm)"])
