@@ -44,10 +44,19 @@ class TwoPathDiceLoss(nn.Module):
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if prediction.dim() == target.dim():
             return self.dice(prediction, target)
+        aux_loss, main_loss = self.path_losses(prediction, target)
+        return aux_loss + self.main_weight * main_loss
+
+    def path_losses(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Dice(y_aux, target), Dice(y, target))`` of a two-path prediction, unweighted (for logging).
+
+        Args:
+            prediction: ``(B, 2, K, H, W, D)``, the main path at index 0, the auxiliary at 1.
+            target: ``(B, K, H, W, D)``.
+        """
         if prediction.dim() != target.dim() + 1 or prediction.shape[1] != 2:
             raise ValueError(
                 "expected the two-path prediction (B, 2, K, ...) or a plain one (B, K, ...) for a target of shape "
                 f"{list(target.shape)}, got {list(prediction.shape)}."
             )
-        main, aux = prediction[:, 0], prediction[:, 1]
-        return self.dice(aux, target) + self.main_weight * self.dice(main, target)
+        return self.dice(prediction[:, 1], target), self.dice(prediction[:, 0], target)

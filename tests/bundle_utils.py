@@ -25,3 +25,10 @@ def run(args, cwd=ROOT, env=None, check=True, timeout=300):
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def synthetic_data(folder, num_cases=5, seed=0, size="24"):
+    """Write ``num_cases`` synthetic cases of ``size`` (``"24"`` or ``"[H,W,D]"``) with the data command; returns ``folder``."""
+    run([sys.executable, "-m", "scripts.synthetic", "--output_dir", str(folder), "--num_cases", str(num_cases),
+         "--seed", str(seed), "--size", str(size)])
+    return str(folder)

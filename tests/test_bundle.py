@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET, run
+from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET, run, synthetic_data
 
 TINY = TINY_NET + ["--num_workers", "0", "--pixdim", "[1.0,1.0,1.0]"]
 
@@ -47,8 +47,7 @@ def bundle(tmp_path_factory):
     """A tiny synthetic dataset and a bundle trained on it for 2 epochs."""
     tmp = tmp_path_factory.mktemp("bundle")
     data = str(tmp / "data")
-    run([sys.executable, "-m", "scripts.synthetic", "--output_dir", data, "--num_cases", "5", "--seed", "0",
-         "--size", "24"])
+    synthetic_data(data)
     paths = {"tmp": tmp, "data": data, "ckpt": str(tmp / "models"), "train_out": str(tmp / "train_out")}
     result = run(BUNDLE_CMD + [
         "run", "training", "--config_file", "configs/train.json", "--dataset_dir", data,
