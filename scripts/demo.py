@@ -133,8 +133,9 @@ def run_demo(
     logger.info("step done in %.0f s", time.time() - t)
 
     t = _step("4/5 inference on the test cases, with MIP previews (configs/inference.json)")
+    # overwrite: a second demo run trains a new model, so its masks replace the last run's
     bundle_run("inference", config_file=_config("inference.json"), output_dir=seg_dir, save_previews=True,
-               preview_dir=preview_dir, **common)
+               preview_dir=preview_dir, overwrite=True, **common)
     logger.info("step done in %.0f s", time.time() - t)
 
     t = _step("5/5 TorchScript export (ckpt_export)")

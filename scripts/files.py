@@ -2,8 +2,9 @@
 
 Images are NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
 ``.mhd``). :func:`check_image` and :func:`check_pair` read only headers (cheap, before training
-starts): readable, a single-channel 3D volume, and a label on its image's grid (same shape and
-affine). Bad input raises :class:`DatasetError` (a ``ValueError``) or
+starts): readable, a single-channel 3D volume with a finite, invertible affine (and, for an
+uncompressed NIfTI, all the voxel data its header announces), and a label on its image's grid
+(same shape and affine). Bad input raises :class:`DatasetError` (a ``ValueError``) or
 :class:`DatasetNotFoundError` (a ``FileNotFoundError``), always naming the file or folder.
 """
 
@@ -79,6 +80,20 @@ def _itk_header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
     return shape, flip @ affine, int(io.GetNumberOfComponents())
 
 
+def _check_nifti_size(path: str, img) -> None:
+    """An uncompressed NIfTI must hold the voxel data its header announces (a gzipped one shows it only when read)."""
+    if not path.lower().endswith(".nii"):
+        return
+    proxy = img.dataobj  # its offset is the file's; the loaded header's copy says 0
+    expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    size = os.path.getsize(path)
+    if size < expected:
+        raise DatasetError(
+            f"{path} is truncated: its header announces {expected} bytes (shape {list(img.shape)}, "
+            f"{img.header.get_data_dtype()}) but the file has {size}."
+        )
+
+
 def read_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     """The array shape and voxel-to-world (RAS) affine of an image file, from its header.
 
@@ -93,6 +108,7 @@ def read_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
             import nibabel as nib
 
             img = nib.load(path)
+            _check_nifti_size(path, img)
             return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=float)
         shape, affine, components = _itk_header(path)
     except DatasetError:
@@ -109,7 +125,8 @@ def check_image(path: str) -> tuple[tuple[int, ...], np.ndarray]:
 
     Raises:
         DatasetNotFoundError: the file does not exist.
-        DatasetError: unreadable, or not 3D (2D, 4D, vector voxels, or a single slice).
+        DatasetError: unreadable, truncated (uncompressed NIfTI), not 3D (2D, 4D, vector voxels, or a
+            single slice), or a singular or non-finite affine.
     """
     shape, affine = read_header(path)
     if len(shape) == 4:
@@ -121,7 +138,20 @@ def check_image(path: str) -> tuple[tuple[int, ...], np.ndarray]:
         raise DatasetError(f"{path} is not a 3D volume: its shape is {list(shape)} ({len(shape)}D).")
     if min(shape) < 2:
         raise DatasetError(f"{path} is a single slice, not a 3D volume: its shape is {list(shape)}.")
+    _check_affine(path, affine)
     return shape, affine
+
+
+def _check_affine(path: str, affine: np.ndarray) -> None:
+    """A voxel-to-world affine must be finite and invertible (no voxel axis of length 0 or collapsed onto another)."""
+    linear = affine[:3, :3]
+    scale = float(np.prod(np.linalg.norm(linear, axis=0))) if np.all(np.isfinite(affine)) else 0.0
+    if scale == 0.0 or abs(float(np.linalg.det(linear))) <= 1e-6 * scale:
+        raise DatasetError(
+            f"{path} has a singular or non-finite voxel-to-world affine (sform/qform, or spacing and direction): "
+            f"voxels cannot be placed in space, so the image cannot be reoriented or resampled. affine:\n"
+            f"{np.round(affine, 4)}"
+        )
 
 
 def check_pair(image: str, label: str, atol: float = 1e-3) -> None:

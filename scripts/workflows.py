@@ -16,6 +16,8 @@ import math
 import os
 from collections.abc import Sequence
 
+from scripts.flags import as_flag
+
 __all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section", "PreviewSaver"]
 
 logger = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ class PreviewSaver:
     def __init__(self, seg_dir: str, preview_dir: str | None = None, enabled: bool = True, postfix: str = "_seg"):
         self.seg_dir = seg_dir
         self.preview_dir = preview_dir or seg_dir
-        self.enabled = enabled
+        self.enabled = as_flag(enabled, "enabled (--save_previews)")
         self.postfix = postfix
 
     def attach(self, engine) -> None:

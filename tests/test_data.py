@@ -174,6 +174,41 @@ def test_unreadable_file(tmp_path, name):
         load_datalist(root)
 
 
+def write_with_sform(path, sform, shape=(6, 7, 5)):
+    """A NIfTI whose sform is stored as given (nibabel builds no image from a singular affine)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_qform(None, code=0)
+    header.set_sform(sform, code=1)
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), None, header=header), path)
+
+
+def truncate(path):
+    content = open(path, "rb").read()
+    open(path, "wb").write(content[: len(content) // 2])
+
+
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("a.nii.gz", lambda p: open(p, "wb").close(), r"cannot read .*imagesTr/a\.nii\.gz: Empty file"),
+        ("a.nii", lambda p: truncate(write_nifti(p)),
+         r"imagesTr/a\.nii is truncated: its header announces \d+ bytes .* but the file has \d+"),
+        ("a.nii.gz", lambda p: write_with_sform(p, np.diag([1.0, 1.0, 0.0, 1.0])),
+         r"imagesTr/a\.nii\.gz has a singular or non-finite voxel-to-world affine"),
+        ("a.nii.gz", lambda p: write_with_sform(p, np.diag([np.nan, 1.0, 1.0, 1.0])),
+         r"imagesTr/a\.nii\.gz has a singular or non-finite voxel-to-world affine"),
+    ],
+)
+def test_broken_file_named_before_training(tmp_path, name, write, message):
+    root = make_folder(tmp_path, names=("b", "c"))
+    write(str(tmp_path / "imagesTr" / name))
+    write_nifti(os.path.join(root, "labelsTr", "a.nii.gz"))
+    with pytest.raises(DatasetError, match=message):
+        load_datalist(root)
+
+
 def test_bad_datalist_json(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(DatasetError, match="dataset.json"):
