@@ -312,12 +312,9 @@ def run(
     results["total_seconds"] = time.perf_counter() - start
     results["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     os.makedirs(out, exist_ok=True)
-    images = plot_all(results, os.path.join(out, "images"))
-    page = os.path.join(out, "benchmarks.md")
-    with open(page, "w") as f:
-        f.write(render(results, images))
     with open(os.path.join(out, "benchmarks.json"), "w") as f:
         json.dump(_finite(results), f, indent=1)
+    page = report(out)
     print(markdown_table(["benchmark", "target", "measured", "where", "status"],
                          [[t["benchmark"], t["target"], t["display"], t["where"], t["status"]]
                           for t in results["targets"]]))
@@ -325,11 +322,32 @@ def run(
     return page
 
 
+def report(out: str = "docs") -> str:
+    """Write ``<out>/benchmarks.md`` and its plots from ``<out>/benchmarks.json`` (no measuring).
+
+    ``<out>/ceiling.json`` (``python -m scripts.benchmark_ceiling``), where present, adds the
+    accuracy ceiling to the page's section on what limits the missed targets.
+    """
+    with open(os.path.join(out, "benchmarks.json")) as f:
+        results = json.load(f)
+    ceiling = None
+    if os.path.isfile(os.path.join(out, "ceiling.json")):
+        with open(os.path.join(out, "ceiling.json")) as f:
+            ceiling = json.load(f)
+    images = plot_all(results, os.path.join(out, "images"))
+    page = os.path.join(out, "benchmarks.md")
+    with open(page, "w") as f:
+        f.write(render(results, images, ceiling))
+    return page
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``run`` (the default) or ``measure`` (one child measurement)."""
+    """Command line: ``run`` (the default), ``report`` (the page from saved numbers) or ``measure`` (one child)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "measure":
         fire.Fire(measure, command=argv[1:], name="scripts.benchmark measure")
+    elif argv and argv[0] == "report":
+        fire.Fire(report, command=argv[1:], name="scripts.benchmark report", serialize=lambda _: None)
     else:
         fire.Fire(run, command=argv, name="scripts.benchmark")
 

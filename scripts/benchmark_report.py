@@ -19,6 +19,7 @@ __all__ = [
     "speed_ratios",
     "check_targets",
     "plot_all",
+    "limits_section",
     "render",
 ]
 
@@ -277,8 +278,63 @@ def _load(values: Sequence[float] | None) -> str:
     return "unknown" if not values else ", ".join(f"{v:.1f}" for v in values)
 
 
-def render(results: dict, images: dict[str, str]) -> str:
-    """The Markdown page of a run."""
+def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
+    """What limits each missed target, as Markdown lines (empty when every target is met).
+
+    Args:
+        results: the run's results (``targets`` and ``B4``).
+        ceiling: ``docs/ceiling.json`` of ``python -m scripts.benchmark_ceiling`` on the same data, if any.
+    """
+    missed = {(t["benchmark"], t["target"]) for t in results.get("targets", []) if t["status"] == "not met"}
+    if not missed:
+        return []
+    kinds = {b for b, _ in missed}
+    lines = ["## What limits the missed targets", ""]
+    if "B4" in kinds:
+        text = ("- **Accuracy (B4).** The 2.5D U-Net reconstructs 3D from what each direction's 2D output says "
+                "about its rays, through a linear backprojection.")
+        rows = (ceiling or {}).get("rows", [])
+        hull = [r for r in rows if r["oracle"] == "hull"]
+        fbp = [r for r in rows if r["oracle"] == "fbp"]
+        models = results.get("B4", {}).get("models", {})
+        if hull and fbp:
+            best_hull = max(r["test"]["dice"] for r in hull)
+            best_fbp = max(r["test"]["dice"] for r in fbp)
+            text += (f" With a *perfect* 2D U-Net on MIPs the best test Dice on this split is {best_hull:.3f} (the "
+                     "visual hull of the true MIP masks, [ceiling.md](ceiling.md)): voxels in the shadow of other "
+                     "vessels from every direction cannot be told from vessel.")
+            if "unet3d" in models and "test" in models["unet3d"]:
+                text += f" The 3D U-Net of this run reaches {models['unet3d']['test']['dice']:.3f}."
+            text += (f" Ray sums with a ramp-filtered backprojection would allow {best_fbp:.3f} (same page): "
+                     "the information a MIP keeps, not the backprojection, is the limit, and training the U-Net "
+                     "to output per-ray vessel amounts (`reduction=\"sum\"`, ramp-initialised `F`) is the way on.")
+        else:
+            text += " `python -m scripts.benchmark_ceiling` measures how far a perfect 2D U-Net would get."
+        lines.append(text)
+    if any(b in ("B1", "B2") and "memory" in t for b, t in missed):
+        lines.append(
+            "- **Memory (B1, B2).** The 2.5D U-Net's peak is not its 2D feature maps alone: the sampling tables "
+            "of `M` and `R` (cached per shape, int64 indices), `R`'s 3D output and `T`'s pooled copy of it, and "
+            "`U`'s feature maps for `direction_batch` projections at once all count. The 3D U-Net's sliding "
+            "window bounds its own peak to one window's feature maps, so the memory ratio stays well below the "
+            "ratio of the work. Smaller index types for the tables (int32) are the next step.")
+    if any(b == "B2" and "faster" in t for b, t in missed):
+        lines.append(
+            "- **Training step (B2).** Path 2 runs `U` over all p directions (without a graph) in every step: at "
+            f"p = {results['settings']['num_directions']} and q = {results['settings']['num_subset']} that is "
+            "several times path 1's forward passes. B5 shows Dice flat from p = 8, so training with fewer "
+            "directions is the first lever.")
+    if "B3" in kinds:
+        lines.append(
+            "- **Operators (B3).** `M` samples a square detector around the plane's diagonal circle, so about half "
+            "of its samples fall outside the volume and are read and discarded; skipping them per ray, or a fused "
+            "kernel (`torch.compile`, a C++ extension), is the next step. At the smallest size the floor takes "
+            "under a millisecond, and fixed per-call costs dominate the ratio.")
+    return lines + [""]
+
+
+def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -> str:
+    """The Markdown page of a run (``ceiling``: ``ceiling.json`` for the accuracy limit, if measured)."""
     env, s = results["environment"], results["settings"]
     lines = ["# Benchmarks: random 2.5D U-Net, 3D U-Net, slice stack and Frangi", ""]
     if results["quick"]:
@@ -358,5 +414,8 @@ def render(results: dict, images: dict[str, str]) -> str:
                   markdown_table(["p", "test Dice", "s per case", "increase (MiB)"], rows), ""]
         if "B5" in images:
             lines += [f"![B5 directions](images/{images['B5']})", ""]
-    lines += ["## Reproduce", "", "From the bundle root:", "", "```bash", results["command"], "```", ""]
+    lines += limits_section(results, ceiling)
+    lines += ["## Reproduce", "", "From the bundle root:", "", "```bash", results["command"], "```", "",
+              "The page alone (tables, plots, this text) is rebuilt from `benchmarks.json` by "
+              "`python -m scripts.benchmark report --out docs`.", ""]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from parameterized import parameterized
 from scripts import benchmark_accuracy
 from scripts.benchmark import BENCHMARKS, run
 from scripts.benchmark_report import (
+    limits_section,
     check_targets,
     fmt,
     markdown_table,
@@ -124,6 +125,28 @@ def test_render_and_targets_survive_failed_measurements():
     assert "Quick run" not in page
 
 
+def _targets(statuses: dict) -> list[dict]:
+    return [{"benchmark": b, "target": t, "status": statuses.get((b, t), "met")}
+            for b, t in (("B1", "2.5D inference memory ≤ 1/3 of 3D U-Net's"), ("B2", "2.5D training step ≥ 5× faster"),
+                         ("B3", "M (max) ≤ 4× the memory floor"), ("B4", "2.5D test Dice ≥ 3D U-Net's"))]
+
+
+def test_limits_section_names_only_missed_targets():
+    results = {"settings": {"num_directions": 16, "num_subset": 4}, "targets": _targets({})}
+    assert limits_section(results) == []
+    results["targets"] = _targets({("B4", "2.5D test Dice ≥ 3D U-Net's"): "not met",
+                                   ("B1", "2.5D inference memory ≤ 1/3 of 3D U-Net's"): "not met"})
+    results["B4"] = {"models": {"unet3d": {"test": {"dice": 0.7}}}}
+    text = "\n".join(limits_section(results))
+    assert "Accuracy (B4)" in text and "Memory (B1, B2)" in text
+    assert "Training step" not in text and "Operators" not in text
+    assert "scripts.benchmark_ceiling" in text  # no ceiling measured: says how to measure it
+    ceiling = {"rows": [{"oracle": "hull", "test": {"dice": 0.61}}, {"oracle": "hull", "test": {"dice": 0.64}},
+                        {"oracle": "fbp", "test": {"dice": 0.85}}]}
+    text = "\n".join(limits_section(results, ceiling))
+    assert "0.640" in text and "0.850" in text and "0.700" in text
+
+
 def test_memory_probe_sees_an_allocation():
     probe = MemoryProbe()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
@@ -185,3 +208,9 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     for name in plots:
         assert (out / "images" / name).stat().st_size > 0
         assert f"images/{name}" in page
+    # the page alone, again from the saved numbers: the same page
+    (out / "benchmarks.md").unlink()
+    proc = subprocess.run([sys.executable, "-m", "scripts.benchmark", "report", f"--out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "benchmarks.md").read_text() == page
