@@ -1,0 +1,137 @@
+"""The shipped default model: ``models/model.pt``, trained and evaluated by the bundle's own commands.
+
+One documented recipe, so that anyone can retrain the weights in ``models/`` and check the
+metrics that ``README.md`` and ``docs/README.md`` quote:
+
+1. training (``configs/train.json``, ``run training``) on the embedded synthetic data with the
+   settings of :data:`SETTINGS` (64³ crops as in the benchmark's B4; about 10-15 minutes on 2
+   CPU cores), the same as the command line::
+
+       python -m monai.bundle run training --config_file configs/train.json \\
+           --synthetic_dir eval/default_model/data --synthetic_cases 32 --roi_size "[64,64,64]" \\
+           --batch_size 1 --num_samples 2 --epochs 100 --val_interval 4 --output_dir eval/default_model
+
+2. evaluation (``train.json`` + ``evaluate.json``, ``run evaluating``) of the best checkpoint on
+   the validation and the held-out test split of that data,
+3. with ``--update_docs True``: the test table into the ``default-model`` sections of
+   ``README.md`` and ``docs/README.md``.
+
+Command line, from the bundle root::
+
+    python -m scripts.default_model --update_docs True
+    python -m scripts.default_model --train False      # evaluate the models/model.pt there is
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import fire
+
+from scripts.workflows import metrics_markdown, replace_doc_section
+
+__all__ = ["SETTINGS", "run"]
+
+logger = logging.getLogger("scripts.default_model")
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ["val_mean_dice", "val_cldice", "val_hd95"]
+SETTINGS = {
+    "synthetic_cases": 32,
+    "synthetic_seed": 0,
+    "roi_size": [64, 64, 64],
+    "batch_size": 1,
+    "num_samples": 2,
+    "epochs": 100,
+    "val_interval": 4,
+}
+
+
+def _config(name: str) -> str:
+    return os.path.join(BUNDLE_ROOT, "configs", name)
+
+
+def _doc_text(tables: dict[str, str], data_dir: str) -> str:
+    s = SETTINGS
+    return (
+        "Written by `python -m scripts.default_model --update_docs True`: the shipped `models/model.pt`, trained "
+        f"by `run training` on {s['synthetic_cases']} synthetic cases (`{data_dir}`, seed {s['synthetic_seed']}; "
+        f"{s['epochs']} epochs of {s['roi_size'][0]}³ crops, {s['num_samples']} per volume, the best validation "
+        "Dice kept), then scored by the evaluate command (`run evaluating`) on the held-out test cases:\n\n"
+        f"{tables['test']}\n\nOn the validation cases (which chose the checkpoint):\n\n{tables['validation']}\n\n"
+        f"{_ceiling_sentence()}MONAI's 3D U-Net is more accurate on this kind of data (`docs/benchmarks.md`, "
+        "B4). The weights are a working default for the synthetic data; retrain on your own data for real use."
+    )
+
+
+def _ceiling_sentence() -> str:
+    """What a perfect 2D U-Net on MIPs would reach, from ``docs/ceiling.json`` if it was measured."""
+    path = os.path.join(BUNDLE_ROOT, "docs", "ceiling.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        hull = [r["test"]["dice"] for r in json.load(f)["rows"] if r["oracle"] == "hull"]
+    if not hull:
+        return ""
+    return (f"With MIPs, even a perfect 2D U-Net would reach only {max(hull):.2f} test Dice on the benchmark's "
+            "synthetic split (`docs/ceiling.md`); ")
+
+
+def run(
+    data_dir: str = "eval/default_model/data",
+    output_dir: str = "eval/default_model",
+    ckpt_dir: str = "models",
+    train: bool = True,
+    update_docs: bool = False,
+    settings: dict | None = None,
+) -> dict[str, str]:
+    """Train (optionally) and evaluate the default model; returns the Markdown tables per split.
+
+    Args:
+        data_dir: the synthetic dataset (generated there if missing).
+        output_dir: training logs and the evaluation CSVs (``metrics_<split>/``).
+        ckpt_dir: where ``model.pt`` (and the training state ``checkpoint.ckpt``) go.
+        train: train first; False evaluates the ``model.pt`` in ``ckpt_dir``.
+        update_docs: write the test table into ``README.md`` and ``docs/README.md``.
+        settings: config overrides on top of :data:`SETTINGS` for every command (e.g. a smaller
+            network for a quick check); the docs are written only with the defaults.
+    """
+    recipe = {**SETTINGS, **(settings or {})}
+    if update_docs and settings:
+        raise ValueError("--update_docs writes the shipped model's metrics: leave --settings out.")
+    from monai.bundle import run as bundle_run
+
+    network = {k: v for k, v in recipe.items() if k not in SETTINGS or k.startswith("synthetic")}
+    common = {"bundle_root": BUNDLE_ROOT, "ckpt_dir": ckpt_dir, "synthetic_dir": data_dir, "dataset_dir": data_dir,
+              **network}
+    start = time.time()
+    if train:
+        logger.info("training the default model (%s)", ", ".join(f"{k} {v}" for k, v in recipe.items()))
+        bundle_run("training", config_file=_config("train.json"), output_dir=output_dir, **{**common, **recipe})
+    if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
+        raise FileNotFoundError(f"no {os.path.join(ckpt_dir, 'model.pt')} to evaluate: train first (--train True).")
+    tables = {}
+    for split in ("validation", "test"):
+        metrics_dir = os.path.join(output_dir, f"metrics_{split}")
+        bundle_run("evaluating", config_file=[_config("train.json"), _config("evaluate.json")],
+                   output_dir=metrics_dir, eval_split=split, **common)
+        tables[split] = metrics_markdown(metrics_dir, METRICS, ["Dice", "clDice", "HD95 (mm)"])
+    if update_docs:
+        text = _doc_text(tables, data_dir)
+        for doc in ("README.md", os.path.join("docs", "README.md")):
+            replace_doc_section(os.path.join(BUNDLE_ROOT, doc), "default-model", text)
+            logger.info("default-model section written to %s", doc)
+    logger.info("done in %.0f s; test metrics:\n%s", time.time() - start, tables["test"])
+    return tables
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    fire.Fire(run, name="scripts.default_model", serialize=lambda tables: None)
+
+
+if __name__ == "__main__":
+    main()
