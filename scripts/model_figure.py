@@ -67,7 +67,7 @@ def draw_overview(net: UNet25D, image: torch.Tensor, label: torch.Tensor, out: s
     p = net.num_directions
     h, w = image.shape[2], image.shape[3]
     with torch.no_grad():
-        projections = net.projection(image, p)
+        projections = net.project(image, p)
         logits = net.segment(projections)
         filtered = net.filtration(logits, p)
         one = net.backprojection(filtered[:, :1], h, w, p, [0])

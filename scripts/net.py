@@ -34,7 +34,9 @@ class UNet25D(nn.Module):
         in_channels: C, image channels.
         out_channels: K, output classes (independent sigmoids, multi-label).
         num_directions: p, directions ``theta_k = k pi / p`` about the z axis.
-        reduction: projection along rays, ``"max"`` (MIP), ``"sum"`` or ``"min"``.
+        reduction: projection along rays, ``"max"`` (MIP), ``"sum"`` or ``"min"``; or several,
+            e.g. ``("max", "sum")``, stacked as ``U``'s input channels (``C`` per reduction): the
+            ray sum tells how much of a ray is vessel, which a MIP cannot (docs/ceiling.md).
         channels: feature channels of the 2D U-Net's levels (MONAI ``UNet``).
         strides: strides between the levels; ``len(strides) == len(channels) - 1``.
         num_res_units: residual units per level of the 2D U-Net.
@@ -77,7 +79,7 @@ class UNet25D(nn.Module):
         in_channels: int = 1,
         out_channels: int = 1,
         num_directions: int = 16,
-        reduction: str = "max",
+        reduction: str | Sequence[str] = "max",
         channels: Sequence[int] = (16, 32, 64, 128, 256),
         strides: Sequence[int] = (2, 2, 2, 2),
         num_res_units: int = 2,
@@ -111,10 +113,13 @@ class UNet25D(nn.Module):
         self.divisor = divisor
         self.margin = margin
         self.direction_batch = direction_batch
-        self.projection = Projection(reduction)
+        reductions = [reduction] if isinstance(reduction, str) else list(reduction)
+        if not reductions:
+            raise ValueError("reduction must name at least one of 'max', 'sum', 'min'.")
+        self.projections = nn.ModuleList([Projection(r) for r in reductions])
         self.unet = UNet(
             spatial_dims=2,
-            in_channels=in_channels,
+            in_channels=in_channels * len(reductions),
             out_channels=out_channels,
             channels=channels,
             strides=strides,
@@ -137,7 +142,7 @@ class UNet25D(nn.Module):
             return torch.stack([y, y_aux], 1)
         p = self.num_directions
         h, w = x.shape[2], x.shape[3]
-        q = self.filtration(self.segment(self.projection(x, p)), p)
+        q = self.filtration(self.segment(self.project(x, p)), p)
         return self.fine_tuning(self.backprojection(q, h, w, p))
 
     def two_paths(self, x: torch.Tensor, num_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +161,7 @@ class UNet25D(nn.Module):
         order = torch.randperm(p)
         subset = order[:num_subset].sort().values
         rest = order[num_subset:].sort().values
-        projections = self.projection(x, p)
+        projections = self.project(x, p)
         dirs: list[int] = subset.tolist()
         logits = self.segment(projections[:, subset.to(x.device)])
         y_aux = torch.sigmoid(self.backprojection(self.filtration(logits, p, dirs), h, w, p, dirs))
@@ -170,6 +175,12 @@ class UNet25D(nn.Module):
                 all_logits[:, rest.to(x.device)] = self.segment(projections[:, rest.to(x.device)])
         y = self.fine_tuning(self.backprojection(self.filtration(all_logits, p), h, w, p))
         return y_aux, y
+
+    def project(self, x: torch.Tensor, num_directions: int) -> torch.Tensor:
+        """``M`` with every reduction: ``(B, C, H, W, D) -> (B, p, C * len(reduction), N_s, D)``."""
+        if len(self.projections) == 1:
+            return self.projections[0](x, num_directions)
+        return torch.cat([m(x, num_directions) for m in self.projections], dim=2)
 
     def segment(self, projections: torch.Tensor) -> torch.Tensor:
         """``U`` on every projection: ``(B, p', C, N_s, D) -> (B, p', K, N_s, D)`` logits."""

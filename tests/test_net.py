@@ -31,7 +31,7 @@ def test_shape_and_range(kwargs, spatial):
     assert (y >= 0).all() and (y <= 1).all()
 
 
-@parameterized.expand([["max"], ["sum"], ["min"]])
+@parameterized.expand([["max"], ["sum"], ["min"], [("max", "sum")], [["sum", "min", "max"]]])
 def test_two_paths_shapes(reduction):
     net = UNet25D(num_directions=6, reduction=reduction, out_channels=2, **TINY)
     x = torch.rand(1, 1, 21, 18, 11)
@@ -49,6 +49,19 @@ def test_directions_at_inference_may_differ():
     more.load_state_dict(state)
     with eval_mode(net, more):
         assert more(x).shape == net(x).shape
+
+
+@parameterized.expand([[1, ("max", "sum")], [2, ("max", "sum", "min")]])
+def test_several_reductions_are_input_channels(in_channels, reductions):
+    """U sees C channels per reduction, in the order given: M_r(x) for each r, stacked."""
+    net = UNet25D(in_channels=in_channels, num_directions=3, reduction=reductions, **TINY)
+    x = torch.rand(1, in_channels, 13, 11, 5)
+    stacked = net.project(x, 3)
+    assert stacked.shape[2] == in_channels * len(reductions)
+    for i, r in enumerate(reductions):
+        single = UNet25D(in_channels=in_channels, num_directions=3, reduction=r, **TINY).project(x, 3)
+        assert torch.equal(stacked[:, :, i * in_channels : (i + 1) * in_channels], single)
+    assert net.unet.model[0].conv.unit0.conv.in_channels == in_channels * len(reductions)
 
 
 def test_subset_is_fresh_each_step():
@@ -91,7 +104,8 @@ def test_full_step_changes_unet_filter_and_fine_tuning():
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
 
 
-@parameterized.expand([[dict(num_directions=5, **TINY)], [dict(num_directions=3, filter_per_direction=True, out_channels=2, **TINY)]])
+@parameterized.expand([[dict(num_directions=5, **TINY)], [dict(num_directions=3, filter_per_direction=True, out_channels=2, **TINY)],
+                       [dict(num_directions=4, reduction=("max", "sum"), in_channels=1, **TINY)]])
 def test_torchscript_matches_eager(kwargs):
     net = UNet25D(**kwargs)
     x = torch.rand(1, 1, 23, 19, 10)
@@ -138,6 +152,8 @@ def test_bad_input_raises(_, x):
         [dict(num_directions=0)],
         [dict(channels=(4, 8), strides=(2, 2))],
         [dict(reduction="mean")],
+        [dict(reduction=())],
+        [dict(reduction=("max", "mean"))],
         [dict(filter_size=4)],
         [dict(in_channels=0)],
         [dict(margin=-1)],
