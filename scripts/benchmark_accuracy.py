@@ -43,9 +43,10 @@ from scripts.frangi import FrangiSegmenter, fit
 from scripts.metrics import compute_cldice
 from scripts.net import UNet25D
 from scripts.slicestack import SliceStackUNet
+from scripts.synthetic import write_dataset
 from scripts.training import train_step as two_path_step
 
-__all__ = ["MODELS", "model_parser", "case_metrics", "train_model", "frangi_baseline", "direction_sweep"]
+__all__ = ["MODELS", "benchmark_data", "model_parser", "case_metrics", "train_model", "frangi_baseline", "direction_sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,15 @@ def _evaluate(net, cases, invert, crop, full: bool) -> list[dict]:
         spacing = [float(s) for s in affine_to_spacing(label.affine, r=3)]
         rows.append(case_metrics((pred.as_tensor() > 0.5).float()[None], label.as_tensor()[None], spacing, full))
     return rows
+
+
+def benchmark_data(data_dir: str, threads: int = 1) -> str:
+    """The benchmark's synthetic split in ``data_dir``, written (30 cases, seed 0, sizes and spacings drawn;
+    15 % validation, 20 % test, as ``python -m scripts.benchmark``) only if no ``dataset.json`` is there."""
+    if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
+        logger.info("no dataset in %s: writing the benchmark's synthetic split (30 cases, seed 0)", data_dir)
+        write_dataset(data_dir, 30, 0, None, None, None, 0.15, 0.2, num_workers=threads)
+    return data_dir
 
 
 def _splits(data_dir: str, parser: ConfigParser, splits: Sequence[str]) -> tuple[dict, Invertd]:

@@ -43,11 +43,10 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, Invertd
 from tqdm import tqdm
 
-from scripts.benchmark_accuracy import case_metrics
+from scripts.benchmark_accuracy import benchmark_data, case_metrics
 from scripts.data import load_datalist
 from scripts.layers import Filtration
 from scripts.operators import Backprojection, Projection
-from scripts.synthetic import write_dataset
 
 __all__ = ["oracle_score", "preprocessing_with_label", "run", "render"]
 
@@ -138,9 +137,7 @@ def run(
 ) -> dict:
     """Measure the oracles on ``data_dir`` and write ``ceiling.md`` and ``ceiling.json`` to ``out``."""
     torch.set_num_threads(threads)
-    if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
-        logger.info("no dataset in %s: writing the benchmark's synthetic split (30 cases, seed 0)", data_dir)
-        write_dataset(data_dir, 30, 0, None, None, None, 0.15, 0.2, num_workers=threads)
+    benchmark_data(data_dir, threads)
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "train.json"))
     preprocessing = preprocessing_with_label(parser)

@@ -1,0 +1,168 @@
+"""Ablations of the random 2.5D U-Net at an equal number of training steps (docs/ablation.md).
+
+Each variant is ``configs/train.json`` with a few overrides (the projection, q, p, the pooling of
+``T``), trained for the same number of two-path steps on the benchmark's synthetic training
+split from the same seed, and validated at fixed step intervals (whole volumes, Dice on each
+case's own grid, as B4 validates). Counting steps instead of seconds keeps the comparison fair
+on a shared machine; what a step costs is B2's business (``docs/benchmarks.md``).
+
+Usage::
+
+    python -m scripts.benchmark_ablation --steps 1500 --out docs     # ~3 minutes per variant on 2 cores
+
+Each variant runs in its own process (``--parallel`` of them at a time, ``--threads`` each).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import fire
+
+__all__ = ["VARIANTS", "train_variant", "run", "render"]
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = {
+    "MIP (default)": {},
+    "MIP + ray sum": {"reduction": ["max", "sum"]},
+    "ray sum": {"reduction": "sum"},
+    "q = 8": {"num_subset": 8},
+    "p = 8": {"num_directions": 8},
+    "pool 1": {"network_def#pool_size": 1},
+}
+
+
+def train_variant(overrides: dict, data_dir: str, steps: int, val_every: int, crop: int = 64,
+                  seed: int = 0, tiny: bool = False) -> dict:
+    """Train one variant for ``steps`` two-path steps (batch 1, Adam at train.json's rate); the validation curve."""
+    import torch
+    from monai.data import CacheDataset, DataLoader
+    from monai.utils import set_determinism
+
+    from scripts.benchmark_accuracy import _evaluate, _mean, _splits, model_parser
+    from scripts.data import load_datalist
+    from scripts.training import train_step
+
+    set_determinism(seed)
+    parser, _ = model_parser("unet25d", [crop] * 3, tiny, batch=1)
+    for key, value in overrides.items():
+        parser[key] = value
+    net = parser.get_parsed_content("network_def")
+    loss_fn = parser.get_parsed_content("loss")
+    optimizer = torch.optim.Adam(net.parameters(), lr=float(parser.get_parsed_content("learning_rate")))
+    num_subset = int(parser.get_parsed_content("num_subset"))
+    dataset = CacheDataset(load_datalist(data_dir, check=False)["training"],
+                           parser.get_parsed_content("train#preprocessing"), progress=False)
+    loader = DataLoader(dataset, batch_size=1, shuffle=True)
+    cases, invert = _splits(data_dir, parser, ("validation",))
+    curve, batches = [], iter(loader)
+    for step in range(1, steps + 1):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        train_step(net, optimizer, loss_fn, batch["image"].as_tensor(), batch["label"].as_tensor(), num_subset)
+        if step % val_every == 0 or step == steps:
+            dice = _mean(_evaluate(net, cases["validation"], invert, [crop] * 3, full=False), "dice")
+            curve.append({"steps": step, "dice": dice})
+            logger.info("%s: step %d, validation Dice %.3f", overrides, step, dice)
+    return {"overrides": overrides, "curve": curve}
+
+
+def _child(name: str, overrides: dict, data_dir: str, steps: int, val_every: int, threads: int, tiny: bool):
+    code = ("import json, sys, torch; torch.set_num_threads(int(sys.argv[1])); "
+            "from scripts.benchmark_ablation import train_variant; "
+            "print('RESULT ' + json.dumps(train_variant(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), "
+            "int(sys.argv[5]), tiny=sys.argv[6] == '1')))")
+    args = [sys.executable, "-c", code, str(threads), json.dumps(overrides), data_dir, str(steps), str(val_every),
+            "1" if tiny else "0"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return name, subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _collect(name: str, proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"ablation variant {name!r} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return {"name": name, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def run(
+    data_dir: str = "eval/benchmark/work/data",
+    out: str = "docs",
+    steps: int = 1500,
+    val_every: int = 250,
+    variants: Sequence[str] | None = None,
+    threads: int = 1,
+    parallel: int = 2,
+    tiny: bool = False,
+) -> dict:
+    """Train every variant and write ``ablation.md`` and ``ablation.json`` to ``out``."""
+    from scripts.benchmark_accuracy import benchmark_data
+
+    names = list(variants or VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; valid ones are {list(VARIANTS)}.")
+    if steps < 1 or val_every < 1 or parallel < 1:
+        raise ValueError(f"steps, val_every and parallel must be positive, got {steps}, {val_every}, {parallel}.")
+    benchmark_data(data_dir, threads=max(threads, 1))
+    rows = []
+    for start in range(0, len(names), parallel):
+        running = [_child(n, VARIANTS[n], data_dir, steps, val_every, threads, tiny) for n in names[start:start + parallel]]
+        rows += [_collect(n, p) for n, p in running]
+    result = {"command": "python -m scripts.benchmark_ablation " + " ".join(sys.argv[1:]),
+              "date": datetime.date.today().isoformat(), "data_dir": data_dir, "steps": steps, "tiny": tiny,
+              "rows": rows}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(render(result))
+    print(f"wrote {os.path.join(out, 'ablation.md')} and ablation.json")
+    return result
+
+
+def render(result: dict) -> str:
+    """The Markdown page of a :func:`run` result."""
+    rows = result["rows"]
+    steps = [c["steps"] for c in rows[0]["curve"]] if rows else []
+    lines = [
+        "# Ablations of the random 2.5D U-Net at an equal number of steps",
+        "",
+        f"Generated by `{result['command']}` on {result['date']}. Do not edit by hand.",
+        "",
+        f"Each variant is `configs/train.json` with the overrides shown, trained for {result['steps']} two-path "
+        "steps (batch 1, 64³ crops, Adam at the config's learning rate, the same seed and data order) on the "
+        "benchmark's synthetic training split, and validated on its validation split (whole volumes, Dice on "
+        "each case's own grid). One seed and few validation cases: differences of a few hundredths are noise.",
+        "",
+        "| variant | overrides | " + " | ".join(f"Dice @ {s}" for s in steps) + " | best |",
+        "|---|---|" + "---|" * (len(steps) + 1),
+    ]
+    for r in rows:
+        dice = [c["dice"] for c in r["curve"]]
+        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or "-"
+        lines.append(f"| {r['name']} | {overrides} | " + " | ".join(f"{d:.3f}" for d in dice)
+                     + f" | {max(dice):.3f} |")
+    if result.get("tiny"):
+        lines += ["", "> **Tiny run**: tiny networks and few steps; it checks the script, not the methods."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fire.Fire(run, serialize=lambda _: None)
+
+
+if __name__ == "__main__":
+    main()

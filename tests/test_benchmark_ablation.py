@@ -1,0 +1,43 @@
+"""Ablations at an equal number of steps (scripts/benchmark_ablation.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scripts.benchmark_ablation import VARIANTS, render, run
+from scripts.synthetic import write_dataset
+
+
+def test_tiny_run_writes_page_and_json(tmp_path):
+    data = str(tmp_path / "data")
+    write_dataset(data, num_cases=4, seed=5, size=(20, 18, 16), val_fraction=0.25, test_fraction=0.25)
+    names = ["MIP (default)", "MIP + ray sum"]
+    result = run(data_dir=data, out=str(tmp_path / "docs"), steps=3, val_every=2, variants=names, threads=1,
+                 parallel=2, tiny=True)
+    saved = json.loads((tmp_path / "docs" / "ablation.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == names
+    for row in saved["rows"]:
+        assert [c["steps"] for c in row["curve"]] == [2, 3]
+        assert all(0.0 <= c["dice"] <= 1.0 for c in row["curve"])
+    assert saved["rows"][1]["overrides"] == VARIANTS["MIP + ray sum"]
+    page = (tmp_path / "docs" / "ablation.md").read_text()
+    assert page == render(result) and "| MIP + ray sum |" in page and "Tiny run" in page
+
+
+def test_render_table():
+    result = {"command": "python -m scripts.benchmark_ablation", "date": "today", "steps": 4, "tiny": False,
+              "rows": [{"name": "a", "overrides": {}, "curve": [{"steps": 2, "dice": 0.25}, {"steps": 4, "dice": 0.5}]},
+                       {"name": "b", "overrides": {"num_subset": 8},
+                        "curve": [{"steps": 2, "dice": 0.75}, {"steps": 4, "dice": 0.5}]}]}
+    page = render(result)
+    assert "| variant | overrides | Dice @ 2 | Dice @ 4 | best |" in page
+    assert "| a | - | 0.250 | 0.500 | 0.500 |" in page
+    assert "| b | `num_subset=8` | 0.750 | 0.500 | 0.750 |" in page
+
+
+@pytest.mark.parametrize("kwargs", [dict(variants=["nope"]), dict(steps=0), dict(parallel=0)])
+def test_bad_options(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        run(data_dir=str(tmp_path / "data"), out=str(tmp_path), **kwargs)
