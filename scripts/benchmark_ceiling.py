@@ -234,9 +234,10 @@ def render(result: dict) -> str:
             f"- The same model with ray sums and a ramp filter could reach {best_fbp['test']['dice']:.3f} "
             f"(p = {best_fbp['num_directions']}, {best_fbp['filter_size']} taps): the linear backprojection is not "
             "the limit, the information in a MIP is.",
-            "- A first try at training the bundle with `reduction=\"sum\"` and a 33-tap ramp-initialised filter "
-            "did not get there yet (the U-Net has to learn to count vessel voxels per ray from noisy sums); "
-            "this is where accuracy work on the 2.5D U-Net should go (`docs/benchmarks.md`, what limits it).",
+            "- Training the bundle with ray sums as the U-Net's input (`reduction=\"sum\"`, or `[\"max\", \"sum\"]`) "
+            "helps at an equal number of steps ([ablation.md](ablation.md)) but gets nowhere near this ceiling yet: "
+            "the U-Net has to learn to count vessel voxels per ray from noisy sums. This is where accuracy work on "
+            "the 2.5D U-Net should go (`docs/benchmarks.md`, what limits it).",
         ]
     return "\n".join(lines) + "\n"
 
