@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import fire
 
+from scripts.workflows import write_page
+
 __all__ = ["VARIANTS", "train_variant", "run", "render"]
 
 logger = logging.getLogger(__name__)
@@ -123,12 +125,7 @@ def run(
     result = {"command": "python -m scripts.benchmark_ablation " + " ".join(sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "data_dir": data_dir, "steps": steps, "tiny": tiny,
               "rows": rows}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write(render(result))
-    print(f"wrote {os.path.join(out, 'ablation.md')} and ablation.json")
+    write_page(out, "ablation", result, render(result))
     return result
 
 

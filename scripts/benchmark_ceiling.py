@@ -47,6 +47,7 @@ from scripts.benchmark_accuracy import benchmark_data, case_metrics
 from scripts.data import load_datalist
 from scripts.layers import Filtration
 from scripts.operators import Backprojection, Projection
+from scripts.workflows import write_page
 
 __all__ = ["oracle_score", "preprocessing_with_label", "run", "render"]
 
@@ -174,12 +175,7 @@ def run(
         "rows": rows,
         "trained_b4": trained,
     }
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ceiling.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, "ceiling.md"), "w") as f:
-        f.write(render(result))
-    print(f"wrote {os.path.join(out, 'ceiling.md')} and ceiling.json")
+    write_page(out, "ceiling", result, render(result))
     return result
 
 

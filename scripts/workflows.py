@@ -11,6 +11,7 @@ the docs comes from a command that can be rerun.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 
 from scripts.flags import as_flag
 
-__all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section", "PreviewSaver"]
+__all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section", "write_page",
+           "PreviewSaver"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,16 @@ def metrics_markdown(output_dir: str, names: Sequence[str], headers: Sequence[st
             case, cells = "**mean**", [f"**{c}**" for c in cells]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_page(out: str, stem: str, result: dict, page: str) -> None:
+    """Write a measurement's raw numbers to ``<out>/<stem>.json`` and its page to ``<out>/<stem>.md``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(page)
+    print(f"wrote {os.path.join(out, stem + '.md')} and {stem}.json")
 
 
 def replace_doc_section(path: str, name: str, text: str) -> None:
