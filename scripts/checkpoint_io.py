@@ -26,7 +26,6 @@ __all__ = [
     "load_checkpoint",
     "describe_network",
     "check_state_dict",
-    "is_main_process",
     "unwrap",
 ]
 
@@ -34,11 +33,6 @@ logger = logging.getLogger(__name__)
 
 # what describe_network reports, each from the first (sub)module that has it
 ARCHITECTURE_FIELDS = ("in_channels", "out_channels", "num_directions", "channels", "strides")
-
-
-def is_main_process() -> bool:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not distributed or torch.distributed.get_rank() == 0
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:

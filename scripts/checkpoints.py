@@ -31,7 +31,6 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 
 from scripts.checkpoint_io import (
-    is_main_process,
     unwrap,
     check_state_dict,
     describe_network,
@@ -39,6 +38,7 @@ from scripts.checkpoint_io import (
     remove_stale_temporaries,
     save_atomic,
 )
+from scripts.distributed import rank
 from scripts.flags import as_flag
 
 __all__ = [
@@ -101,7 +101,7 @@ class BestModelSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        if engine.state.best_metric_epoch != engine.state.epoch or not is_main_process():
+        if engine.state.best_metric_epoch != engine.state.epoch or rank() > 0:
             return
         save_atomic(unwrap(self.network).state_dict(), self.path)
         engine.logger.info(
@@ -145,7 +145,7 @@ class TrainingCheckpointSaver:
             )
 
     def __call__(self, engine) -> None:
-        if not is_main_process():
+        if rank() > 0:
             return
         objects = {**self.save_dict, self.engine_key: engine}
         checkpoint = {key: unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from scripts.checkpoint_io import unwrap
+
 __all__ = ["rank", "rank0_first", "ReplicaSaver"]
 
 T = TypeVar("T")
@@ -76,9 +78,7 @@ class ReplicaSaver:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        network = self.network
-        if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            network = network.module
+        network = unwrap(self.network)
         os.makedirs(self.save_dir, exist_ok=True)
         path = os.path.join(self.save_dir, f"rank{rank()}.pt")
         torch.save(network.state_dict(), path)
