@@ -88,7 +88,7 @@ def detector_size(height: int, width: int) -> int:
 
 def projection_table(
     height: int, width: int, theta: float, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]:
     """Ray samples of one direction: which two voxels to read, with which weight.
 
     The rays of direction ``theta`` are sampled where they cross the voxel rows of the
@@ -105,11 +105,13 @@ def projection_table(
         dtype: floating dtype of the returned weights.
 
     Returns:
-        ``(first, second, weight, inside, step)``, the first four of shape ``(L, N_s)``:
-        flat plane indices ``u * W + v`` (long) of the two voxels a sample lies between,
-        the linear weight of the second (the first gets ``1 - weight``), whether the
-        sample lies in the plane at all (bool; outside ones point at voxel 0), and the
-        distance between consecutive samples along a ray in voxels.
+        ``(first, offset, weight, inside, step)``: ``first`` of shape ``(L, N_s)``, the flat
+        plane index ``u * W + v`` (long) of the first of the two voxels a sample lies between;
+        ``offset``, what to add to it for the second (1 along a row, ``W`` along a column);
+        ``weight`` ``(L, N_s)``, the linear weight of the second (the first gets
+        ``1 - weight``); ``inside`` ``(L, N_s)``, whether the sample lies in the plane at all
+        (bool; outside ones point at voxel 0); and ``step``, the distance between consecutive
+        samples along a ray in voxels.
     """
     n_s = detector_size(height, width)
     cu, cv = rotation_centre(height, width)
@@ -135,11 +137,11 @@ def projection_table(
     row = r[:, None].long()
     left = left.long()
     if along_columns:
-        first, second = left * width + row, (left + 1) * width + row
+        first, offset = left * width + row, width
     else:
-        first, second = row * width + left, row * width + left + 1
+        first, offset = row * width + left, 1
     step = 1.0 / max(abs(cos_t), abs(sin_t))
-    return first, second, weight.to(dtype), inside, step
+    return first, offset, weight.to(dtype), inside, step
 
 
 def backprojection_table(

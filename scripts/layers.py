@@ -34,8 +34,8 @@ def _initial_taps(kernel_size: int, init: str) -> torch.Tensor:
 class Filtration(nn.Module):
     """``F``: a learnable 1D filter along the detector axis ``s`` of each projection.
 
-    A depthwise convolution with kernel ``(kernel_size, 1)`` (zero padding, shape kept),
-    one filter per output channel, shared by all directions or one per direction; the
+    A depthwise convolution with kernel ``(kernel_size, 1)`` (zero padding, shape kept;
+    computed as a sum of shifted copies, the cheap way for a 1D kernel), one filter per channel, shared by all directions or one per direction; the
     learnable analogue of the ramp filter of filtered backprojection.
 
     Args:
@@ -68,19 +68,24 @@ class Filtration(nn.Module):
         if q.dim() != 5 or q.shape[2] != self.channels:
             raise ValueError(f"expected projections of shape (B, p, {self.channels}, N_s, D), got {list(q.shape)}.")
         b, p, k, n_s, d = q.shape
-        pad = (self.kernel_size // 2, 0)
         if self.num_directions == 1:
-            out = nn.functional.conv2d(q.reshape(b * p, k, n_s, d), self.weight[0], padding=pad, groups=k)
-            return out.view(b, p, k, n_s, d)
-        if num_directions != self.num_directions:
-            raise ValueError(
-                f"the filters are per direction for {self.num_directions} directions, "
-                f"they cannot filter projections of {num_directions} directions."
-            )
-        dirs = list(range(num_directions)) if directions is None else directions
-        weight = self.weight[torch.tensor(dirs, device=q.device)].reshape(p * k, 1, self.kernel_size, 1)
-        out = nn.functional.conv2d(q.reshape(b, p * k, n_s, d), weight, padding=pad, groups=p * k)
-        return out.view(b, p, k, n_s, d)
+            taps = self.weight[0, :, 0, :, 0].unsqueeze(0)  # (1, K, kernel_size)
+        else:
+            if num_directions != self.num_directions:
+                raise ValueError(
+                    f"the filters are per direction for {self.num_directions} directions, "
+                    f"they cannot filter projections of {num_directions} directions."
+                )
+            dirs = list(range(num_directions)) if directions is None else directions
+            taps = self.weight[torch.tensor(dirs, device=q.device), :, 0, :, 0]  # (p', K, kernel_size)
+        # the convolution as a sum of shifted copies: one pass per tap, no im2col buffer of
+        # kernel_size copies of q (which is what a depthwise conv2d with a (k, 1) kernel costs on CPU)
+        half = self.kernel_size // 2
+        padded = nn.functional.pad(q, [0, 0, half, half])
+        out = padded[:, :, :, 0:n_s] * taps[:, :, 0].reshape(1, taps.shape[0], k, 1, 1)
+        for i in range(1, self.kernel_size):
+            out.addcmul_(padded[:, :, :, i : i + n_s], taps[:, :, i].reshape(1, taps.shape[0], k, 1, 1))
+        return out
 
 
 class FineTuning(nn.Module):
@@ -106,13 +111,41 @@ class FineTuning(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels))
         self.shift = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``T(x)``; with ``inplace=True`` and no gradient recorded, written over ``x`` (no new volume)."""
         shape = (1, -1, 1, 1, 1)
-        pooled = self._pool(x)  # a new tensor, never a view of x
         if torch.is_grad_enabled():
-            return torch.sigmoid(pooled * self.scale.view(shape) + self.shift.view(shape))
-        # inference: one volume-sized buffer instead of three
+            return torch.sigmoid(self._pool(x) * self.scale.view(shape) + self.shift.view(shape))
+        # inference: one volume-sized buffer instead of three, or none at all
+        pooled = self._pool_inplace(x) if inplace else self._pool(x)
         return pooled.mul_(self.scale.view(shape)).add_(self.shift.view(shape)).sigmoid_()
+
+    def _pool_inplace(self, x: torch.Tensor, slab_elements: int = 1 << 20) -> torch.Tensor:
+        """:meth:`_pool` written over ``x``, one slab of rows along H at a time (same values).
+
+        Each slab is pooled together with the ``k // 2`` rows on either side of it, the rows
+        above from a copy of their values before they were overwritten; so the extra memory is
+        a few slabs of about ``slab_elements``, not a second volume.
+        """
+        k = self.kernel_size
+        r = k // 2
+        h = x.shape[2]
+        if not (x.shape[2] >= k and x.shape[3] >= k and x.shape[4] >= k):
+            return x.copy_(self._pool(x))
+        per_row = x.shape[0] * x.shape[1] * x.shape[3] * x.shape[4]
+        rows = max(k, slab_elements // max(per_row, 1))
+        saved = x[:, :, 0:0].clone()  # the original values of the rows just above the slab
+        h0 = 0
+        while h0 < h:
+            h1 = min(h0 + rows, h)
+            if h - h1 < k:  # a last slab thinner than the window joins this one
+                h1 = h
+            block = torch.cat([saved, x[:, :, h0 : min(h1 + r, h)]], 2)
+            pooled = self.pool(block)[:, :, saved.shape[2] : saved.shape[2] + h1 - h0]
+            saved = x[:, :, max(h1 - r, 0) : h1].clone()
+            x[:, :, h0:h1] = pooled
+            h0 = h1
+        return x
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size

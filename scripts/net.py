@@ -143,7 +143,12 @@ class UNet25D(nn.Module):
         p = self.num_directions
         h, w = x.shape[2], x.shape[3]
         q = self.filtration(self.segment(self.project(x, p)), p)
-        return self.fine_tuning(self.backprojection(q, h, w, p))
+        # without a gradient, T overwrites R's output (a fresh tensor) instead of allocating a volume
+        inplace = not torch.is_grad_enabled()
+        if not torch.jit.is_scripting():
+            if exporting():
+                inplace = False
+        return self.fine_tuning(self.backprojection(q, h, w, p), inplace)
 
     def two_paths(self, x: torch.Tensor, num_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y_aux, y)`` of random 2.5D training, each ``(B, K, H, W, D)``.
@@ -210,5 +215,7 @@ class UNet25D(nn.Module):
         if not torch.jit.is_scripting():
             if exporting():
                 return  # a check of the values has no place in an exported graph (and stops torch.export)
-        if not bool(torch.isfinite(x).all()):
+        # the extremes are NaN if any value is, and infinite if any value is: no volume-sized temporaries
+        low, high = torch.aminmax(x)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
             raise ValueError("the input holds NaN or Inf values.")

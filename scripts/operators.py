@@ -4,7 +4,7 @@ Both work on any ``H x W x D`` (odd, non-cubic), any batch and channel count and
 subset of the ``p`` directions ``theta_k = k * pi / p`` (see ``scripts.geometry``). The
 z axis (last) stays contiguous: the plane is flattened to ``H * W`` rows of whole
 z-columns (batch and channels folded in), so every sample is one row gather, and the
-sampling tables are computed once per shape (cached in eager mode). Work runs in chunks
+sampling tables are computed once per shape (cached in eager mode, with int32 indices). Work runs in chunks
 of rows small enough to stay in cache, into buffers allocated once per call.
 
 ``M`` is not differentiable (its input, the image, needs no gradient). ``R`` is linear,
@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from scripts import fused
 from scripts.geometry import backprojection_table, detector_size, direction_angles, projection_table
 
 __all__ = ["Projection", "Backprojection", "REDUCTIONS", "CHUNK_ELEMENTS", "exporting"]
@@ -48,18 +49,31 @@ def _select(num_directions: int, directions: list[int] | None) -> list[int]:
     return directions
 
 
+def _index_dtype(height: int, width: int) -> torch.dtype:
+    """int32 for the cached plane and detector indices where they fit (half the memory of int64)."""
+    return torch.int32 if height * width < 2**31 else torch.int64
+
+
 @lru_cache(maxsize=64)
 def _cached_projection_tables(
     height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-    return [projection_table(height, width, t, device, dtype) for t in direction_angles(num_directions)]
+) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]]:
+    tables = []
+    for t in direction_angles(num_directions):
+        first, offset, weight, inside, step = projection_table(height, width, t, device, dtype)
+        tables.append((first.to(_index_dtype(height, width)), offset, weight, inside, step))
+    return tables
 
 
 @lru_cache(maxsize=64)
 def _cached_backprojection_tables(
     height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [backprojection_table(height, width, t, device, dtype) for t in direction_angles(num_directions)]
+    tables = []
+    for t in direction_angles(num_directions):
+        index, weight = backprojection_table(height, width, t, device, dtype)
+        tables.append((index.to(_index_dtype(height, width)), weight))
+    return tables
 
 
 @lru_cache(maxsize=64)
@@ -71,6 +85,7 @@ def _cached_adjoint_matrices(
     voxels = torch.arange(height * width, device=device)
     matrices = []
     for index, weight in _cached_backprojection_tables(height, width, num_directions, device, dtype):
+        index = index.long()
         coords = torch.stack([torch.cat([index, index + 1]), torch.cat([voxels, voxels])])
         values = torch.cat([1 - weight, weight])
         coo = torch.sparse_coo_tensor(coords, values, (n_s, height * width), check_invariants=False)
@@ -106,7 +121,7 @@ def exporting() -> bool:
 @torch.jit.unused
 def _eager_projection_tables(
     height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]]:
     return _cached_projection_tables(height, width, num_directions, device, dtype)
 
 
@@ -161,14 +176,29 @@ class Projection(nn.Module):
         if torch.jit.is_scripting():
             angles = direction_angles(num_directions)
             tables = [projection_table(h, w, angles[k], x.device, x.dtype) for k in dirs]
+            with torch.no_grad():
+                out = self._project(x, tables, n_s)
         else:
             if exporting():
                 return self._project_exported(x, num_directions, dirs)
-            all_tables = _eager_projection_tables(h, w, num_directions, x.device, x.dtype)
-            tables = [all_tables[k] for k in dirs]
-        with torch.no_grad():
-            out = self._project(x, tables, n_s)
+            out = self._project_eager(x, num_directions, dirs, n_s)
         return out.view(len(dirs), n_s, b, c, d).permute(2, 0, 3, 1, 4).contiguous()
+
+    @torch.jit.unused
+    def _project_eager(self, x: torch.Tensor, num_directions: int, dirs: list[int], n_s: int) -> torch.Tensor:
+        """``(p', N_s, B * C * D)`` with the cached tables: the fused kernel where it is available."""
+        b, c, h, w, d = x.shape
+        all_tables = _eager_projection_tables(h, w, num_directions, x.device, x.dtype)
+        tables = [all_tables[k] for k in dirs]
+        kernels = fused.available(x)
+        with torch.no_grad():
+            if kernels is None:
+                return self._project(x, tables, n_s)
+            plane = x.permute(2, 3, 0, 1, 4).reshape(h * w, b * c * d).contiguous()
+            fill = _fill(x, self.reduction).reshape(-1).contiguous()
+            code = REDUCTIONS.index(self.reduction)
+            return torch.stack([kernels.project(plane, first, offset, weight, inside, fill, code, step)
+                                for first, offset, weight, inside, step in tables])
 
     @torch.jit.unused
     def _project_exported(self, x: torch.Tensor, num_directions: int, dirs: list[int]) -> torch.Tensor:
@@ -180,9 +210,9 @@ class Projection(nn.Module):
         angles = direction_angles(num_directions)
         projections = []
         for k in dirs:
-            first, second, weight, inside, step = projection_table(h, w, angles[k], x.device, x.dtype)
+            first, offset, weight, inside, step = projection_table(h, w, angles[k], x.device, x.dtype)
             a = plane.index_select(0, first.reshape(-1))
-            bb = plane.index_select(0, second.reshape(-1))
+            bb = plane.index_select(0, first.reshape(-1) + offset)
             samples = torch.where(inside.reshape(-1, 1), torch.lerp(a, bb, weight.reshape(-1, 1)), fill)
             samples = samples.reshape(-1, n_s, e)
             if self.reduction == "max":
@@ -197,7 +227,7 @@ class Projection(nn.Module):
     def _project(
         self,
         x: torch.Tensor,
-        tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]],
+        tables: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]],
         n_s: int,
     ) -> torch.Tensor:
         b, c, h, w, d = x.shape
@@ -210,13 +240,13 @@ class Projection(nn.Module):
         first_buf = torch.empty(rows * n_s, e, dtype=x.dtype, device=x.device)
         second_buf = torch.empty(rows * n_s, e, dtype=x.dtype, device=x.device)
         partial = torch.empty(n_s, e, dtype=x.dtype, device=x.device)
-        for k, (first, second, weight, inside, step) in enumerate(tables):
+        for k, (first, offset, weight, inside, step) in enumerate(tables):
             acc = out[k]
             for r0 in range(0, first.shape[0], rows):
                 i0 = first[r0 : r0 + rows].reshape(-1)
                 n = i0.shape[0]
                 a = torch.index_select(plane, 0, i0, out=first_buf[:n])
-                bb = torch.index_select(plane, 0, second[r0 : r0 + rows].reshape(-1), out=second_buf[:n])
+                bb = torch.index_select(plane, 0, i0 + offset, out=second_buf[:n])
                 torch.lerp(a, bb, weight[r0 : r0 + rows].reshape(-1, 1), out=a)
                 torch.where(inside[r0 : r0 + rows].reshape(-1, 1), a, fill, out=a)
                 samples = a.view(-1, n_s, e)
@@ -248,13 +278,13 @@ def _backproject(
     """``R`` itself: ``(B, p', K, N_s, D) -> (B, K, H, W, D)``, no autograd."""
     b, p, k, n_s, d = q.shape
     e = b * k * d
-    detector = q.permute(1, 3, 0, 2, 4).reshape(p, n_s, e)
+    # contiguous: the pairs below are strided views of its storage (a reshape may return a strided view)
+    detector = q.permute(1, 3, 0, 2, 4).reshape(p, n_s, e).contiguous()
     pairs = [detector[j].as_strided([n_s - 1, 2 * e], [e, 1]) for j in range(p)]
     voxels = height * width
     out = torch.empty(voxels, e, dtype=q.dtype, device=q.device)
     rows = max(1, chunk_elements // e)
     gathered = torch.empty(rows, 2 * e, dtype=q.dtype, device=q.device)
-    sampled = torch.empty(rows, e, dtype=q.dtype, device=q.device)
     for r0 in range(0, voxels, rows):
         acc = out[r0 : r0 + rows]
         n = acc.shape[0]
@@ -264,8 +294,25 @@ def _backproject(
             if j == 0:
                 torch.lerp(g[:, :e], g[:, e:], w, out=acc)
             else:
-                acc.add_(torch.lerp(g[:, :e], g[:, e:], w, out=sampled[:n]))
+                # interpolated into the lower half of the gathered pairs (elementwise, so safe)
+                acc.add_(torch.lerp(g[:, :e], g[:, e:], w, out=g[:, :e]))
     out.mul_(1.0 / p)
+    return out.view(height, width, b, k, d).permute(2, 3, 0, 1, 4).contiguous()
+
+
+@torch.jit.unused
+def _backproject_eager(
+    q: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]], height: int, width: int
+) -> torch.Tensor:
+    """:func:`_backproject` with the fused kernel where it is available (same values, one pass)."""
+    kernels = fused.available(q)
+    if kernels is None:
+        return _backproject(q, tables, height, width)
+    b, p, k, n_s, d = q.shape
+    detector = q.detach().permute(1, 3, 0, 2, 4).reshape(p, n_s, b * k * d).contiguous()
+    index = torch.stack([t[0] for t in tables])
+    weight = torch.stack([t[1] for t in tables])
+    out = kernels.backproject(detector, index, weight)
     return out.view(height, width, b, k, d).permute(2, 3, 0, 1, 4).contiguous()
 
 
@@ -303,7 +350,7 @@ class _BackprojectionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, tables, matrices, height, width):  # type: ignore[override]
         ctx.matrices = matrices
-        return _backproject(q, tables, height, width)
+        return _backproject_eager(q, tables, height, width)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -344,7 +391,12 @@ class Backprojection(nn.Module):
     """
 
     def forward(
-        self, q: torch.Tensor, height: int, width: int, num_directions: int, directions: list[int] | None = None
+        self,
+        q: torch.Tensor,
+        height: int,
+        width: int,
+        num_directions: int,
+        directions: list[int] | None = None,
     ) -> torch.Tensor:
         """Backproject ``q``, whose direction axis holds the given directions (all by default)."""
         dirs = self._check(q, height, width, num_directions, directions)
@@ -360,7 +412,7 @@ class Backprojection(nn.Module):
         if torch.is_grad_enabled() and q.requires_grad:
             return _backproject_with_grad(q, height, width, num_directions, dirs)
         tables = _eager_backprojection_tables(height, width, num_directions, q.device, q.dtype)
-        return _backproject(q, [tables[k] for k in dirs], height, width)
+        return _backproject_eager(q, [tables[k] for k in dirs], height, width)
 
     @torch.jit.unused
     def adjoint(self, v: torch.Tensor, num_directions: int, directions: list[int] | None = None) -> torch.Tensor:

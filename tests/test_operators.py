@@ -138,6 +138,16 @@ def test_torchscript_backprojection():
     assert torch.allclose(scripted(q, 20, 17, 6), r(q, 20, 17, 6), atol=1e-6)
 
 
+@parameterized.expand([[2, 3, 1, 1], [8, 8, 4, 3], [5, 9, 1, 2], [31, 12, 7, 1]])
+def test_backprojection_of_a_batch_is_per_item(h, w, d, p):
+    """Batch and channels are independent (a reshape that returns a strided view once broke this)."""
+    b, k = 2, 3
+    q = torch.randn(b, p, k, detector_size(h, w), d)
+    r = Backprojection()
+    each = torch.stack([torch.stack([r(q[i : i + 1, :, j : j + 1], h, w, p)[0, 0] for j in range(k)]) for i in range(b)])
+    assert torch.allclose(r(q, h, w, p), each, atol=1e-6)
+
+
 def test_chunking_does_not_change_results():
     x = torch.rand(1, 1, 37, 29, 6)
     assert torch.allclose(Projection(chunk_elements=1)(x, 5), Projection()(x, 5))
