@@ -24,6 +24,7 @@ pytest.importorskip("onnxruntime")
 
 from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET, TINY_NET_OVERRIDES, run  # noqa: E402
 
+from scripts import fused  # noqa: E402
 from scripts.operators import Backprojection, Projection  # noqa: E402
 
 EXPORT_SHAPE = [1, 1, 19, 22, 13]
@@ -123,7 +124,10 @@ def test_exported_operators_follow_the_input_size(reduction):
     exported = program.module()
     for shape in [(2, 1, 9, 12, 5), (2, 1, 17, 6, 3), (2, 1, 30, 31, 2)]:
         x = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)))
-        (q, y), (q_ref, y_ref) = exported(x), eager(x)
+        # the exported graph holds the pure-PyTorch operators: compared with those, bit for bit
+        # (the fused kernels agree with them to rounding, tests/test_fused.py)
+        with fused.disabled():
+            (q, y), (q_ref, y_ref) = exported(x), eager(x)
         assert q.shape == q_ref.shape and y.shape == y_ref.shape
         if reduction == "max":  # the same operations per element: the same bits
             assert torch.equal(q, q_ref) and torch.equal(y, y_ref)

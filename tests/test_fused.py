@@ -1,0 +1,117 @@
+"""The fused C++ kernels of M and R agree with the pure-PyTorch operators (scripts/fused.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from parameterized import parameterized
+
+from scripts import fused
+from scripts.geometry import detector_size
+from scripts.net import UNet25D
+from scripts.operators import REDUCTIONS, Backprojection, Projection
+
+KERNELS = fused.ops()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the fused kernels cannot be built here (no C++ compiler?)")
+
+CASES = []
+for h, w, d in [(8, 8, 4), (67, 93, 41), (31, 12, 7), (2, 3, 1), (40, 40, 16)]:
+    for p, directions in [(1, None), (5, None), (8, [0, 3, 7])]:
+        for b, c in [(1, 1), (2, 3)]:
+            CASES.append([h, w, d, p, directions, b, c])
+
+
+@needs_kernels
+@parameterized.expand([case + [r] for case in CASES for r in REDUCTIONS])
+def test_projection_agrees(h, w, d, p, directions, b, c, reduction):
+    x = torch.randn(b, c, h, w, d)
+    m = Projection(reduction)
+    with fused.disabled():
+        expected = m(x, p, directions)
+    got = m(x, p, directions)
+    # the same samples; a sum may add them in another order
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 if reduction == "sum" else 1e-6)
+
+
+@needs_kernels
+@parameterized.expand(CASES)
+def test_backprojection_agrees(h, w, d, p, directions, b, k):
+    n = p if directions is None else len(directions)
+    q = torch.randn(b, n, k, detector_size(h, w), d)
+    r = Backprojection()
+    with fused.disabled():
+        expected = r(q, h, w, p, directions)
+    assert torch.allclose(r(q, h, w, p, directions), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtypes_and_adjoint(dtype):
+    """Fused R keeps the dtype and is still the transpose of R* (the dot-product test)."""
+    h, w, d, p = 23, 17, 5, 6
+    q = torch.randn(1, p, 2, detector_size(h, w), d, dtype=dtype)
+    v = torch.randn(1, 2, h, w, d, dtype=dtype)
+    r = Backprojection()
+    rq = r(q, h, w, p)
+    assert rq.dtype == dtype
+    lhs, rhs = (rq * v).sum(), (q * r.adjoint(v, p)).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@needs_kernels
+def test_training_gradients_agree():
+    """A two-path step gives the same gradients with and without the fused kernels."""
+    torch.manual_seed(0)
+    net = UNet25D(num_directions=4, reduction=["max", "sum"], channels=(4, 8), strides=(2,), num_res_units=1)
+    x, y = torch.rand(1, 1, 19, 14, 8), (torch.rand(1, 1, 19, 14, 8) > 0.8).float()
+
+    def grads() -> list[torch.Tensor]:
+        net.zero_grad()
+        torch.manual_seed(1)  # the same random subset of directions
+        out = net(x, num_subset=2)
+        ((out - y) ** 2).mean().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    fast = grads()
+    with fused.disabled():
+        slow = grads()
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast, slow))
+
+
+def test_switched_off(monkeypatch, caplog):
+    monkeypatch.setenv(fused.ENV_VAR, "0")
+    with caplog.at_level(logging.INFO, logger="scripts.fused"):
+        assert fused._build() is None
+    assert fused.ENV_VAR in caplog.text
+
+
+def test_failed_build_falls_back(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("error: no C++ compiler found")
+
+    monkeypatch.delenv(fused.ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="scripts.fused"):
+        assert fused._build() is None
+    assert "no C++ compiler found" in caplog.text and "pure-PyTorch" in caplog.text
+
+
+def test_not_for_other_dtypes():
+    assert fused.available(torch.zeros(1, dtype=torch.float16)) is None
+    assert fused.available(torch.zeros(1, dtype=torch.int64)) is None
+
+
+@needs_kernels
+def test_disabled_block():
+    x = torch.zeros(1)
+    assert fused.available(x) is not None
+    with fused.disabled():
+        assert fused.available(x) is None
+        with fused.disabled():
+            assert fused.available(x) is None
+        assert fused.available(x) is None
+    assert fused.available(x) is not None
