@@ -38,6 +38,7 @@ import fire
 import monai
 import torch
 
+from scripts.benchmark_speed import bundle_unet25d
 from scripts.benchmark_report import check_targets, markdown_table, plot_all, render, size_str, speed_ratios
 from scripts.synthetic import write_dataset
 
@@ -67,7 +68,6 @@ SETTINGS = {
         "repeats": 3,
         "roi_size": [96, 96, 96],
         "num_directions": 16,
-        "num_subset": 4,
         "budget_s": 1200.0,
         "val_every_s": 60.0,
         "crop": [96, 96, 96],
@@ -276,7 +276,8 @@ def run(
         raise ValueError(f"budget must be positive and repeats at least 1, got {s['budget_s']} and {s['repeats']}.")
     start = time.perf_counter()
     results = {"quick": quick, "command": "python -m scripts.benchmark " + shlex.join(sys.argv[1:]),
-               "environment": environment(threads), "settings": s, "benchmarks_run": sorted(benches)}
+               "environment": environment(threads), "settings": s, "benchmarks_run": sorted(benches),
+               "network_25d": bundle_unet25d()[1]}
     done = [0]
 
     def step(what: str) -> None:
@@ -291,7 +292,7 @@ def run(
             extra = {"repeats": s["repeats"], "roi_size": s["roi_size"]}
             results["B1"] = _speed("inference", s["inference_sizes"], extra, threads, work, step)
         if "B2" in benches:
-            extra = {"repeats": s["repeats"], "num_subset": s["num_subset"]}
+            extra = {"repeats": s["repeats"]}
             results["B2"] = _speed("train_step", s["step_sizes"], extra, threads, work, step)
         if "B3" in benches:
             rows = []

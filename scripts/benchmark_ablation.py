@@ -8,7 +8,7 @@ on a shared machine; what a step costs is B2's business (``docs/benchmarks.md``)
 
 Usage::
 
-    python -m scripts.benchmark_ablation --steps 1500 --out docs     # ~3 minutes per variant on 2 cores
+    python -m scripts.benchmark_ablation --steps 1500 --seeds "[0,1]" --out docs   # ~3 minutes per run on 2 cores
 
 Each variant runs in its own process (``--parallel`` of them at a time, ``--threads`` each).
 """
@@ -31,13 +31,17 @@ __all__ = ["VARIANTS", "train_variant", "run", "render"]
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = {
-    "MIP (default)": {},
-    "MIP + ray sum": {"reduction": ["max", "sum"]},
-    "ray sum": {"reduction": "sum"},
-    "q = 8": {"num_subset": 8},
-    "p = 8": {"num_directions": 8},
-    "pool 1": {"network_def#pool_size": 1},
+VARIANTS = {  # every variant names its projection and p, so that it does not change with train.json's defaults
+    "MIP, p = 16": {"reduction": "max", "num_directions": 16},
+    "MIP + ray sum, p = 16": {"reduction": ["max", "sum"], "num_directions": 16},
+    "ray sum, p = 16": {"reduction": "sum", "num_directions": 16},
+    "MIP, p = 16, q = 8": {"reduction": "max", "num_directions": 16, "num_subset": 8},
+    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, "network_def#pool_size": 1},
+    "MIP, p = 8": {"reduction": "max", "num_directions": 8},
+    "MIP + ray sum, p = 8": {"reduction": ["max", "sum"], "num_directions": 8},
+    "MIP + ray sum, p = 8, q = 2": {"reduction": ["max", "sum"], "num_directions": 8, "num_subset": 2},
+    "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16,
+                                           "network_def#filter_size": 33, "network_def#filter_init": "ramp"},
 }
 
 
@@ -79,23 +83,24 @@ def train_variant(overrides: dict, data_dir: str, steps: int, val_every: int, cr
     return {"overrides": overrides, "curve": curve}
 
 
-def _child(name: str, overrides: dict, data_dir: str, steps: int, val_every: int, threads: int, tiny: bool):
+def _child(overrides: dict, data_dir: str, steps: int, val_every: int, threads: int, tiny: bool,
+           seed: int):
     code = ("import json, sys, torch; torch.set_num_threads(int(sys.argv[1])); "
             "from scripts.benchmark_ablation import train_variant; "
             "print('RESULT ' + json.dumps(train_variant(json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), "
-            "int(sys.argv[5]), tiny=sys.argv[6] == '1')))")
+            "int(sys.argv[5]), seed=int(sys.argv[7]), tiny=sys.argv[6] == '1')))")
     args = [sys.executable, "-c", code, str(threads), json.dumps(overrides), data_dir, str(steps), str(val_every),
-            "1" if tiny else "0"]
+            "1" if tiny else "0", str(seed)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return name, subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _collect(name: str, proc: subprocess.Popen) -> dict:
+def _collect(name: str, seed: int, proc: subprocess.Popen) -> dict:
     out, err = proc.communicate()
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"ablation variant {name!r} failed (exit {proc.returncode}):\n{err[-3000:]}")
-    return {"name": name, **json.loads(lines[-1][len("RESULT "):])}
+        raise RuntimeError(f"ablation variant {name!r} (seed {seed}) failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return {"name": name, "seed": seed, **json.loads(lines[-1][len("RESULT "):])}
 
 
 def run(
@@ -104,34 +109,45 @@ def run(
     steps: int = 1500,
     val_every: int = 250,
     variants: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
     threads: int = 1,
     parallel: int = 2,
     tiny: bool = False,
 ) -> dict:
-    """Train every variant and write ``ablation.md`` and ``ablation.json`` to ``out``."""
+    """Train every variant from every seed and write ``ablation.md`` and ``ablation.json`` to ``out``.
+
+    The seed sets the initial weights, the order of the training cases, the random crops and the
+    random subsets of directions; the data split is the same for all.
+    """
     from scripts.benchmark_accuracy import benchmark_data
 
     names = list(variants or VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; valid ones are {list(VARIANTS)}.")
+    seeds = [int(seeds)] if isinstance(seeds, (int, str)) else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must name at least one seed.")
     if steps < 1 or val_every < 1 or parallel < 1:
         raise ValueError(f"steps, val_every and parallel must be positive, got {steps}, {val_every}, {parallel}.")
     benchmark_data(data_dir, threads=max(threads, 1))
+    jobs = [(n, s) for n in names for s in seeds]
     rows = []
-    for start in range(0, len(names), parallel):
-        running = [_child(n, VARIANTS[n], data_dir, steps, val_every, threads, tiny) for n in names[start:start + parallel]]
-        rows += [_collect(n, p) for n, p in running]
+    for start in range(0, len(jobs), parallel):
+        running = [(n, s, _child(VARIANTS[n], data_dir, steps, val_every, threads, tiny, s))
+                   for n, s in jobs[start:start + parallel]]
+        rows += [_collect(n, s, p) for n, s, p in running]
     result = {"command": "python -m scripts.benchmark_ablation " + " ".join(sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "data_dir": data_dir, "steps": steps, "tiny": tiny,
-              "rows": rows}
+              "seeds": seeds, "rows": rows}
     write_page(out, "ablation", result, render(result))
     return result
 
 
 def render(result: dict) -> str:
-    """The Markdown page of a :func:`run` result."""
+    """The Markdown page of a :func:`run` result: every run, then the mean over seeds per variant."""
     rows = result["rows"]
+    seeds = result.get("seeds", [0])
     steps = [c["steps"] for c in rows[0]["curve"]] if rows else []
     lines = [
         "# Ablations of the random 2.5D U-Net at an equal number of steps",
@@ -139,21 +155,33 @@ def render(result: dict) -> str:
         f"Generated by `{result['command']}` on {result['date']}. Do not edit by hand.",
         "",
         f"Each variant is `configs/train.json` with the overrides shown, trained for {result['steps']} two-path "
-        "steps (batch 1, 64³ crops, Adam at the config's learning rate, the same seed and data order) on the "
-        "benchmark's synthetic training split, and validated on its validation split (whole volumes, Dice on "
-        "each case's own grid). One seed and few validation cases: differences of a few hundredths are noise.",
+        "steps (batch 1, 64³ crops, Adam at the config's learning rate) on the benchmark's synthetic training "
+        "split, and validated on its validation split (whole volumes, Dice on each case's own grid). The seed "
+        "sets the initial weights, the case order, the crops and the random subsets of directions. Few "
+        "validation cases: differences of a few hundredths between single runs are noise.",
         "",
-        "| variant | overrides | " + " | ".join(f"Dice @ {s}" for s in steps) + " | best |",
-        "|---|---|" + "---|" * (len(steps) + 1),
+        "| variant | overrides | seed | " + " | ".join(f"Dice @ {s}" for s in steps) + " | best |",
+        "|---|---|---|" + "---|" * (len(steps) + 1),
     ]
     for r in rows:
         dice = [c["dice"] for c in r["curve"]]
-        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or "-"
-        lines.append(f"| {r['name']} | {overrides} | " + " | ".join(f"{d:.3f}" for d in dice)
-                     + f" | {max(dice):.3f} |")
+        lines.append(f"| {r['name']} | {_overrides(r['overrides'])} | {r.get('seed', 0)} | "
+                     + " | ".join(f"{d:.3f}" for d in dice) + f" | {max(dice):.3f} |")
+    if len(seeds) > 1:
+        lines += ["", f"Mean over the {len(seeds)} seeds ({', '.join(map(str, seeds))}):", "",
+                  "| variant | overrides | final Dice | best Dice |", "|---|---|---|---|"]
+        for name in dict.fromkeys(r["name"] for r in rows):
+            runs = [r for r in rows if r["name"] == name]
+            final = sum(r["curve"][-1]["dice"] for r in runs) / len(runs)
+            best = sum(max(c["dice"] for c in r["curve"]) for r in runs) / len(runs)
+            lines.append(f"| {name} | {_overrides(runs[0]['overrides'])} | {final:.3f} | {best:.3f} |")
     if result.get("tiny"):
         lines += ["", "> **Tiny run**: tiny networks and few steps; it checks the script, not the methods."]
     return "\n".join(lines) + "\n"
+
+
+def _overrides(overrides: dict) -> str:
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items()) or "-"
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import monai
 import torch
 from monai.networks.nets import UNet
 
+from scripts import fused
 from scripts.geometry import detector_size
 from scripts.operators import Backprojection, Projection
 
@@ -47,6 +48,9 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
 
 def measure(size: Sequence[int], num_directions: int, repeats: int = 5) -> dict[str, float]:
     """Median seconds of the floor, M (max and sum), R, R* and the 2D U-Net for one size.
+
+    ``M`` and ``R`` run as the bundle runs them (the fused kernels of ``scripts.fused`` where they
+    are available); then ``M_max_pure`` and ``R_pure`` time the pure-PyTorch path too.
 
     Args:
         size: ``(H, W, D)``.
@@ -71,22 +75,31 @@ def measure(size: Sequence[int], num_directions: int, repeats: int = 5) -> dict[
             "R_adjoint": _median_time(lambda: backproject.adjoint(x, p), repeats),
             "unet2d": _median_time(lambda: unet(images), max(1, repeats // 2)),
         }
+        if fused.available(x) is not None:  # the pure-PyTorch path beside the fused kernels
+            with fused.disabled():
+                results["M_max_pure"] = _median_time(lambda: project(x, p), repeats)
+                results["R_pure"] = _median_time(lambda: backproject(q, h, w, p), repeats)
     return results
 
 
 def _table(rows: list[dict]) -> str:
+    pure = any("M_max_pure" in row["seconds"] for row in rows)
     lines = [
-        "| volume H×W×D | p | N_s | M (max) / floor | M (sum) / floor | R / floor | R* / floor | 2D U-Net / floor |",
-        "|---|---|---|---|---|---|---|---|",
+        "| volume H×W×D | p | N_s | M (max) / floor | M (sum) / floor | R / floor | R* / floor | 2D U-Net / floor |"
+        + (" M (max), pure / floor | R, pure / floor |" if pure else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if pure else ""),
     ]
     for row in rows:
         t = row["seconds"]
         ratio = {k: t[k] / t["floor"] for k in t}
         h, w, d = row["size"]
-        lines.append(
+        line = (
             f"| {h}×{w}×{d} | {row['p']} | {detector_size(h, w)} | {ratio['M_max']:.1f}× | {ratio['M_sum']:.1f}× "
             f"| {ratio['R']:.1f}× | {ratio['R_adjoint']:.1f}× | {ratio['unet2d']:.1f}× |"
         )
+        if pure:
+            line += "".join(f" {ratio[k]:.1f}× |" if k in ratio else " – |" for k in ("M_max_pure", "R_pure"))
+        lines.append(line)
     return "\n".join(lines)
 
 

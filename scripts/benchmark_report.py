@@ -242,12 +242,14 @@ def _b3_section(b3: dict) -> str:
     rows = []
     for r in b3.get("rows", []):
         if "error" in r:
-            rows.append([size_str(r["size"]), f"failed: {r['error']}"] + ["–"] * 5)
+            rows.append([size_str(r["size"]), f"failed: {r['error']}"] + ["–"] * 7)
             continue
         q = r["ratios"]
         rows.append([size_str(r["size"]), fmt(r["seconds"]["floor"], ".3g")]
-                    + [fmt(q[k], ".3g", "×") for k in ("M_max", "M_sum", "R", "R_adjoint", "unet2d")])
-    return markdown_table(["size", "floor (s)", "M max", "M sum", "R", "R*", "2D U-Net"], rows)
+                    + [fmt(q[k], ".3g", "×") for k in ("M_max", "M_sum", "R", "R_adjoint", "unet2d")]
+                    + [fmt(q.get(k), ".3g", "×") for k in ("M_max_pure", "R_pure")])
+    return markdown_table(["size", "floor (s)", "M max", "M sum", "R", "R*", "2D U-Net", "M max (pure)", "R (pure)"],
+                          rows)
 
 
 def _b4_section(b4: dict) -> str:
@@ -321,7 +323,8 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
     if any(b == "B2" and "faster" in t for b, t in missed):
         lines.append(
             "- **Training step (B2).** Path 2 runs `U` over all p directions (without a graph) in every step: at "
-            f"p = {results['settings']['num_directions']} and q = {results['settings']['num_subset']} that is "
+            f"p = {_network_value(results, 'num_directions', 16)} and q = {_network_value(results, 'num_subset', 4)} "
+            "that is "
             "several times path 1's forward passes. B5 shows Dice flat from p = 8, so training with fewer "
             "directions is the first lever.")
     if "B3" in kinds:
@@ -331,6 +334,20 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             "kernel (`torch.compile`, a C++ extension), is the next step. At the smallest size the floor takes "
             "under a millisecond, and fixed per-call costs dominate the ratio.")
     return lines + [""]
+
+
+def _network_value(results: dict, key: str, before: object) -> object:
+    """A setting of the benchmarked 2.5D network; ``before`` for results from before it was recorded."""
+    return results.get("network_25d", {}).get(key, before)
+
+
+def _network_25d(results: dict) -> str:
+    """How the benchmarked 2.5D U-Net was configured, in words."""
+    if "network_25d" not in results:
+        return "`UNet25D()` defaults (p = 16, MIP)"
+    n = results["network_25d"]
+    reduction = n["reduction"] if isinstance(n["reduction"], str) else " + ".join(n["reduction"])
+    return f"the bundle's network (`configs/train.json`: p = {n['num_directions']}, projections {reduction})"
 
 
 def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -> str:
@@ -368,13 +385,14 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
         lines += [f"![B1 and B2: time and memory](images/{images['speed']})", ""]
     if "B1" in results:
         lines += ["## B1 inference, whole volume", "",
-                  f"2.5D: `UNet25D()` defaults (p = 16, MIP), eval, `no_grad`, one pass over the whole volume. "
+                  f"2.5D: {_network_25d(results)}, eval, `no_grad`, one pass over the whole volume. "
                   f"3D: MONAI `UNet(spatial_dims=3, channels=(16,32,64,128,256), strides=(2,2,2,2), "
                   f"num_res_units=2)` under `SlidingWindowInferer(roi_size={s['roi_size']}, overlap=0.25)`, "
                   "sigmoid included.", "", _speed_section(results["B1"], "inference"), ""]
     if "B2" in results:
         lines += ["## B2 one training step (batch 1, Adam)", "",
-                  f"2.5D: both paths of random 2.5D training (`scripts.training.train_step`, q = {s['num_subset']}, "
+                  f"2.5D: {_network_25d(results)}, both paths of random 2.5D training (`scripts.training.train_step`, "
+                  f"q = {_network_value(results, 'num_subset', 4)}, "
                   "`TwoPathDiceLoss`); 3D U-Net: `DiceLoss(sigmoid=True)`. Random crops, label about 5 % foreground.",
                   "", _speed_section(results["B2"], "training step"), ""]
     if "B3" in results:

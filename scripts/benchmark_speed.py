@@ -19,6 +19,7 @@ these networks do not depend on the image content.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,10 +34,12 @@ from scripts.losses import TwoPathDiceLoss
 from scripts.net import UNet25D
 from scripts.training import train_step as two_path_step
 
-__all__ = ["MemoryProbe", "settle_threads", "time_repeats", "unet3d", "inference", "train_step", "operators"]
+__all__ = ["MemoryProbe", "settle_threads", "time_repeats", "unet3d", "bundle_unet25d", "inference", "train_step",
+           "operators"]
 
 logger = logging.getLogger(__name__)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET3D_CHANNELS = (16, 32, 64, 128, 256)
 UNET3D_STRIDES = (2, 2, 2, 2)
 
@@ -112,6 +115,23 @@ def unet3d(channels: Sequence[int] = UNET3D_CHANNELS, strides: Sequence[int] = U
     return UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=channels, strides=strides, num_res_units=2)
 
 
+def bundle_unet25d() -> tuple[UNet25D, dict]:
+    """The 2.5D U-Net the bundle trains (``network_def`` of ``configs/train.json``) and its settings.
+
+    Returns:
+        the network and ``{"num_directions", "num_subset", "reduction"}`` (p, q, the projections).
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "train.json"))
+    net = parser.get_parsed_content("network_def")
+    reduction = parser.get_parsed_content("reduction")
+    settings = {"num_directions": net.num_directions, "num_subset": int(parser.get_parsed_content("num_subset")),
+                "reduction": reduction if isinstance(reduction, str) else list(reduction)}
+    return net, settings
+
+
 def _summary(times: list[float], probe: MemoryProbe, settle_s: float) -> dict:
     return {"seconds": statistics.median(times), "times": times, "settle_s": settle_s, **probe.read()}
 
@@ -120,7 +140,7 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     """B1: whole-volume inference of ``model`` (``"unet25d"`` or ``"unet3d"``) on ``(1, 1, *size)``.
 
     Args:
-        model: ``"unet25d"``: ``UNet25D()`` defaults (p = 16), one pass over the whole volume;
+        model: ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`), one pass over the whole volume;
             ``"unet3d"``: the 3D U-Net under ``SlidingWindowInferer(roi_size, overlap)``.
         size: ``(H, W, D)``.
         repeats: timed passes after one warm-up.
@@ -129,7 +149,7 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     """
     x = torch.rand(1, 1, *size)
     if model == "unet25d":
-        net = UNet25D().eval()
+        net = bundle_unet25d()[0].eval()
         run = lambda: net(x)  # noqa: E731
     elif model == "unet3d":
         net = unet3d().eval()
@@ -145,17 +165,18 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     return _summary(times, probe, settle_s)
 
 
-def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int = 4, lr: float = 1e-3) -> dict:
+def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | None = None, lr: float = 1e-3) -> dict:
     """B2: one optimiser step (Adam, batch 1) of ``model`` on a random crop ``(1, 1, *size)``.
 
-    ``"unet25d"``: ``UNet25D()`` defaults (p = 16), both paths with ``q = num_subset``
-    (``scripts.training.train_step``, ``TwoPathDiceLoss``); ``"unet3d"``: the 3D U-Net with
-    ``DiceLoss(sigmoid=True)``. The label is a random mask of about 5 % foreground.
+    ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`), both paths with ``q = num_subset``
+    (the config's q by default; ``scripts.training.train_step``, ``TwoPathDiceLoss``); ``"unet3d"``:
+    the 3D U-Net with ``DiceLoss(sigmoid=True)``. The label is a random mask of about 5 % foreground.
     """
     x = torch.rand(1, 1, *size)
     y = (torch.rand(1, 1, *size) > 0.95).float()
     if model == "unet25d":
-        net = UNet25D()
+        net, settings = bundle_unet25d()
+        num_subset = settings["num_subset"] if num_subset is None else num_subset
         loss_fn: torch.nn.Module = TwoPathDiceLoss()
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         run = lambda: two_path_step(net, optimizer, loss_fn, x, y, num_subset)  # noqa: E731
