@@ -137,6 +137,8 @@ def run_child(task: str, kwargs: dict, threads: int, work_dir: str, name: str) -
     spec, result = os.path.join(work_dir, f"{name}.spec.json"), os.path.join(work_dir, f"{name}.result.json")
     with open(spec, "w") as f:
         json.dump(kwargs, f)
+    if os.path.exists(result):  # a result left by an earlier run in the same work_dir must not pass for this one's
+        os.remove(result)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "scripts.benchmark", "measure", task, spec, result, f"--threads={threads}"]

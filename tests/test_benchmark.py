@@ -14,7 +14,7 @@ import torch
 from parameterized import parameterized
 
 from scripts import benchmark_accuracy
-from scripts.benchmark import BENCHMARKS, run
+from scripts.benchmark import BENCHMARKS, run, run_child
 from scripts.benchmark_report import (
     limits_section,
     check_targets,
@@ -214,3 +214,11 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "benchmarks.md").read_text() == page
+
+
+def test_failed_child_is_not_hidden_by_an_old_result(tmp_path):
+    """A result file left in work_dir by an earlier run must not pass for a child that failed."""
+    (tmp_path / "stale.result.json").write_text(json.dumps({"seconds": 1.0}))
+    out = run_child("inference", {"model": "no-such-model", "size": [8, 8, 4], "repeats": 1, "roi_size": [8, 8, 8]},
+                    1, str(tmp_path), "stale")
+    assert "error" in out and "seconds" not in out
