@@ -9,7 +9,7 @@ use the pure path, so they need no project code.
 
 The kernels are compiled once per machine by ``torch.utils.cpp_extension`` (a C++ compiler and
 ``ninja`` are needed; about a minute) into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``). Where that fails, a warning says why and the pure
+by default ``~/.cache/torch_extensions``), one folder per torch and Python version. Where that fails, a warning says why and the pure
 path is used. ``UNET25D_FUSED=0`` turns them off.
 """
 
@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
-__all__ = ["ops", "available", "disabled", "ENV_VAR"]
+__all__ = ["ops", "available", "disabled", "build_directory", "ENV_VAR"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,17 @@ _state: dict[str, ModuleType | None] = {}
 _off = threading.local()
 
 
+def build_directory() -> str:
+    """Where the kernels are built: torch's extension root, one folder per torch and Python version.
+
+    (Two environments with different torch versions must not share one build: a module compiled
+    against one torch does not load into another.)
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    return os.path.join(root, f"unet25d_mra_ops-{version}")
+
+
 def _build() -> ModuleType | None:
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         logger.info("%s=0: the fused operators are off, M and R use the pure-PyTorch path.", ENV_VAR)
@@ -42,9 +54,11 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("loading the fused M/R kernels (compiled once per machine, about a minute the first time)")
+        build = build_directory()
+        os.makedirs(build, exist_ok=True)
+        logger.info("loading the fused M/R kernels from %s (compiled once, about a minute the first time)", build)
         return load(name="unet25d_mra_ops", sources=[SOURCE], extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_ldflags=["-fopenmp"], build_directory=build, verbose=False)
     except Exception as error:  # no compiler, no ninja, a read-only cache: the pure path works everywhere
         logger.warning("the fused M/R kernels could not be built (%s: %s); using the pure-PyTorch operators, "
                        "which give the same results more slowly. Set %s=0 to skip the attempt.",

@@ -100,6 +100,12 @@ def test_failed_build_falls_back(monkeypatch, caplog):
     assert "no C++ compiler found" in caplog.text and "pure-PyTorch" in caplog.text
 
 
+def test_build_directory_names_the_versions(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = fused.build_directory()
+    assert folder.startswith(str(tmp_path)) and torch.__version__.split("+")[0] in folder
+
+
 def test_not_for_other_dtypes():
     assert fused.available(torch.zeros(1, dtype=torch.float16)) is None
     assert fused.available(torch.zeros(1, dtype=torch.int64)) is None
