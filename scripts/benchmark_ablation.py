@@ -40,6 +40,8 @@ VARIANTS = {  # every variant names its projection and p, so that it does not ch
     "MIP, p = 8": {"reduction": "max", "num_directions": 8},
     "MIP + ray sum, p = 8": {"reduction": ["max", "sum"], "num_directions": 8},
     "MIP + ray sum, p = 8, q = 2": {"reduction": ["max", "sum"], "num_directions": 8, "num_subset": 2},
+    "MIP + ray sum, p = 8, intensity term": {"reduction": ["max", "sum"], "num_directions": 8,
+                                             "network_def#intensity_term": True},
     "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16,
                                            "network_def#filter_size": 33, "network_def#filter_init": "ramp"},
 }

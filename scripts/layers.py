@@ -93,32 +93,62 @@ class FineTuning(nn.Module):
 
     The pooling (stride 1, shape kept, border windows average only voxels inside) smooths
     the streaks a few directions leave; scale and shift set the threshold of each class.
+    With ``image_channels > 0`` (an option beyond the paper, off by default) a learned
+    multiple of the image's intensity is added before the sigmoid, per class and image
+    channel, initialised to 0: a voxel through which the rays of several vessels pass looks
+    like vessel to the backprojection, but it is dark in the image.
 
     Args:
         channels: K.
         kernel_size: odd size of the cubic pooling window.
+        image_channels: C of the image for the intensity term; 0 for none.
 
     Shapes:
-        ``(B, K, H, W, D) -> (B, K, H, W, D)``, values in ``[0, 1]``.
+        ``(B, K, H, W, D) -> (B, K, H, W, D)``, values in ``[0, 1]``; ``image`` ``(B, C, H, W, D)``.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+    def __init__(self, channels: int, kernel_size: int = 3, image_channels: int = 0) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}.")
+        if image_channels < 0:
+            raise ValueError(f"image_channels must be at least 0, got {image_channels}.")
         self.kernel_size = kernel_size
         self.pool = nn.AvgPool3d(kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
         self.scale = nn.Parameter(torch.ones(channels))
         self.shift = nn.Parameter(torch.zeros(channels))
+        if image_channels > 0:
+            self.intensity = nn.Parameter(torch.zeros(channels, image_channels))
+        else:
+            self.register_parameter("intensity", None)
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``T(x)``; with ``inplace=True`` and no gradient recorded, written over ``x`` (no new volume)."""
+    def forward(self, x: torch.Tensor, inplace: bool = False, image: torch.Tensor | None = None) -> torch.Tensor:
+        """``T(x)``; with ``inplace=True`` and no gradient recorded, written over ``x`` (no new volume).
+
+        ``image`` is the network's input, read by the intensity term (ignored without one).
+        """
         shape = (1, -1, 1, 1, 1)
         if torch.is_grad_enabled():
-            return torch.sigmoid(self._pool(x) * self.scale.view(shape) + self.shift.view(shape))
+            z = self._pool(x) * self.scale.view(shape) + self.shift.view(shape)
+            return torch.sigmoid(self._add_intensity(z, image, False))
         # inference: one volume-sized buffer instead of three, or none at all
         pooled = self._pool_inplace(x) if inplace else self._pool(x)
-        return pooled.mul_(self.scale.view(shape)).add_(self.shift.view(shape)).sigmoid_()
+        pooled = pooled.mul_(self.scale.view(shape)).add_(self.shift.view(shape))
+        return self._add_intensity(pooled, image, True).sigmoid_()
+
+    def _add_intensity(self, z: torch.Tensor, image: torch.Tensor | None, inplace: bool) -> torch.Tensor:
+        weight = self.intensity
+        if weight is None:
+            return z
+        if image is None:
+            raise ValueError("this fine-tuning layer has an intensity term: pass the image.")
+        if image.shape[1] != weight.shape[1] or image.shape[2:] != z.shape[2:]:
+            raise ValueError(f"the image must have shape (B, {weight.shape[1]}, {', '.join(str(n) for n in z.shape[2:])}), "
+                             f"got {list(image.shape)}.")
+        for c in range(weight.shape[1]):
+            tap = weight[:, c].view(1, -1, 1, 1, 1)
+            z = z.addcmul_(image[:, c : c + 1], tap) if inplace else torch.addcmul(z, image[:, c : c + 1], tap)
+        return z
 
     def _pool_inplace(self, x: torch.Tensor, slab_elements: int = 1 << 20) -> torch.Tensor:
         """:meth:`_pool` written over ``x``, one slab of rows along H at a time (same values).

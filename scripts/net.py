@@ -57,6 +57,8 @@ class UNet25D(nn.Module):
             and z) before ``U`` and cropped after it, so that no bin that reaches a voxel sits
             at the U-Net's image border, where zero-padded convolutions give it unreliable
             logits (without it, voxels at the volume's faces and corners come out as vessel).
+        intensity_term: ``T`` also adds a learned multiple of the image's intensity before its
+            sigmoid (:class:`scripts.layers.FineTuning`; beyond the paper, off by default).
 
     Shapes:
         ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities, for any ``H, W >= 2`` and
@@ -92,6 +94,7 @@ class UNet25D(nn.Module):
         pool_size: int = 3,
         margin: int = 8,
         direction_batch: int = 4,
+        intensity_term: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -132,7 +135,7 @@ class UNet25D(nn.Module):
             out_channels, filter_size, num_directions if filter_per_direction else 1, filter_init
         )
         self.backprojection = Backprojection()
-        self.fine_tuning = FineTuning(out_channels, pool_size)
+        self.fine_tuning = FineTuning(out_channels, pool_size, in_channels if intensity_term else 0)
 
     def forward(self, x: torch.Tensor, num_subset: int = 0) -> torch.Tensor:
         """Probabilities over all directions; with ``num_subset > 0`` both training paths."""
@@ -148,7 +151,7 @@ class UNet25D(nn.Module):
         if not torch.jit.is_scripting():
             if exporting():
                 inplace = False
-        return self.fine_tuning(self.backprojection(q, h, w, p), inplace)
+        return self.fine_tuning(self.backprojection(q, h, w, p), inplace, x)
 
     def two_paths(self, x: torch.Tensor, num_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y_aux, y)`` of random 2.5D training, each ``(B, K, H, W, D)``.
@@ -178,7 +181,7 @@ class UNet25D(nn.Module):
         if num_subset < p:
             with torch.no_grad():
                 all_logits[:, rest.to(x.device)] = self.segment(projections[:, rest.to(x.device)])
-        y = self.fine_tuning(self.backprojection(self.filtration(all_logits, p), h, w, p))
+        y = self.fine_tuning(self.backprojection(self.filtration(all_logits, p), h, w, p), False, x)
         return y_aux, y
 
     def project(self, x: torch.Tensor, num_directions: int) -> torch.Tensor:

@@ -58,3 +58,28 @@ def test_fine_tuning_pools_only_inside():
 def test_fine_tuning_bad_kernel():
     with pytest.raises(ValueError):
         FineTuning(1, kernel_size=2)
+
+
+@parameterized.expand([[1, 1, False], [2, 3, True], [1, 2, False]])
+def test_fine_tuning_intensity_term(k, c, inplace):
+    """Zero at initialisation; then a learned multiple of each image channel before the sigmoid."""
+    x, image = torch.randn(2, k, 7, 6, 5), torch.rand(2, c, 7, 6, 5)
+    plain, with_term = FineTuning(k), FineTuning(k, image_channels=c)
+    with torch.no_grad():
+        assert torch.equal(with_term(x.clone(), inplace, image), plain(x.clone(), inplace))
+        with_term.intensity.uniform_(-2, 2)
+        logit = torch.logit(plain(x.clone()), eps=0)
+        expected = torch.sigmoid(logit + torch.einsum("kc,bc...->bk...", with_term.intensity, image))
+        assert torch.allclose(with_term(x.clone(), inplace, image), expected, atol=1e-5)
+    out = with_term(x, False, image)
+    out.sum().backward()
+    assert with_term.intensity.grad is not None and with_term.intensity.grad.abs().sum() > 0
+
+
+def test_fine_tuning_intensity_term_needs_the_image():
+    t = FineTuning(1, image_channels=1)
+    with pytest.raises(ValueError, match="pass the image"):
+        t(torch.rand(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="image must have shape"):
+        t(torch.rand(1, 1, 4, 4, 4), False, torch.rand(1, 1, 4, 4, 3))
+    assert "intensity" not in FineTuning(1).state_dict()  # checkpoints without the option stay loadable
