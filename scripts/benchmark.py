@@ -38,6 +38,7 @@ import fire
 import monai
 import torch
 
+from scripts import fused
 from scripts.benchmark_speed import bundle_unet25d
 from scripts.benchmark_report import check_targets, markdown_table, plot_all, render, size_str, speed_ratios
 from scripts.synthetic import write_dataset
@@ -279,7 +280,9 @@ def run(
     start = time.perf_counter()
     results = {"quick": quick, "command": "python -m scripts.benchmark " + shlex.join(sys.argv[1:]),
                "environment": environment(threads), "settings": s, "benchmarks_run": sorted(benches),
-               "network_25d": bundle_unet25d()[1]}
+               "network_25d": bundle_unet25d()[1],
+               # built (or loaded) here, so that no measured child compiles them
+               "fused_kernels": fused.ops() is not None}
     done = [0]
 
     def step(what: str) -> None:

@@ -308,25 +308,39 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             if "unet3d" in models and "test" in models["unet3d"]:
                 text += f" The 3D U-Net of this run reaches {models['unet3d']['test']['dice']:.3f}."
             text += (f" Ray sums with a ramp-filtered backprojection would allow {best_fbp:.3f} (same page): "
-                     "the information a MIP keeps, not the backprojection, is the limit, and training the U-Net "
-                     "to output per-ray vessel amounts (`reduction=\"sum\"`, ramp-initialised `F`) is the way on.")
+                     "the information a MIP keeps, not the backprojection, is the limit.")
+            reduction = _network_value(results, "reduction", "max")
+            if isinstance(reduction, list) and "sum" in reduction:
+                text += (" The bundle's U-Net therefore sees the ray sum beside the MIP ([ablation.md](ablation.md): "
+                         "higher validation Dice at an equal number of steps), but it does not learn to output "
+                         "per-ray vessel amounts that a ramp filter could turn into the FBP oracle's sharp "
+                         "reconstruction; closing that gap (a loss on the projections, a longer `F`) is the open "
+                         "problem.")
+            else:
+                text += (" Training the U-Net on ray sums (`reduction=[\"max\", \"sum\"]`) is the way on "
+                         "([ablation.md](ablation.md)).")
         else:
             text += " `python -m scripts.benchmark_ceiling` measures how far a perfect 2D U-Net would get."
         lines.append(text)
     if any(b in ("B1", "B2") and "memory" in t for b, t in missed):
         lines.append(
-            "- **Memory (B1, B2).** The 2.5D U-Net's peak is not its 2D feature maps alone: the sampling tables "
-            "of `M` and `R` (cached per shape, int64 indices), `R`'s 3D output and `T`'s pooled copy of it, and "
-            "`U`'s feature maps for `direction_batch` projections at once all count. The 3D U-Net's sliding "
-            "window bounds its own peak to one window's feature maps, so the memory ratio stays well below the "
-            "ratio of the work. Smaller index types for the tables (int32) are the next step.")
+            "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (`R` writes it, `T` "
+            "overwrites it in place), the sampling tables of `M` and `R` (int32, cached per shape), `U`'s feature "
+            "maps for `direction_batch` projections at once, and the heap blocks that glibc keeps after those "
+            "feature maps are freed (its mmap threshold rises with the blocks freed, so a later volume-sized "
+            "allocation can come on top of them, and the figure varies from run to run for that "
+            "reason). The 3D U-Net's sliding window bounds its own peak to one window's feature maps and the "
+            "output. In a training step the crop-sized 3D tensors of both paths (the two outputs, `T`'s pooled "
+            "volume, the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
+            "for the q projections of path 1, so fewer directions do not shrink it in proportion.")
     if any(b == "B2" and "faster" in t for b, t in missed):
+        p, q = _network_value(results, "num_directions", 16), _network_value(results, "num_subset", 4)
         lines.append(
-            "- **Training step (B2).** Path 2 runs `U` over all p directions (without a graph) in every step: at "
-            f"p = {_network_value(results, 'num_directions', 16)} and q = {_network_value(results, 'num_subset', 4)} "
-            "that is "
-            "several times path 1's forward passes. B5 shows Dice flat from p = 8, so training with fewer "
-            "directions is the first lever.")
+            f"- **Training step (B2).** With p = {p} and q = {q}, path 1 runs `U` forward and backward on {q} "
+            f"projections and path 2 forward (without a graph) on the other {max(p - q, 0)}: the 2D U-Net's "
+            "convolutions are most of a step, `M`, `R` and `R*` a small part since the fused kernels (B3). What "
+            "is left to trade is the 2D U-Net itself (fewer residual units per level, fewer channels) or q, each "
+            "against accuracy ([ablation.md](ablation.md) has q = 2 below q = 4).")
     if "B3" in kinds:
         lines.append(
             "- **Operators (B3).** `M` samples a square detector around the plane's diagonal circle, so about half "
@@ -334,6 +348,16 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             "kernel (`torch.compile`, a C++ extension), is the next step. At the smallest size the floor takes "
             "under a millisecond, and fixed per-call costs dominate the ratio.")
     return lines + [""]
+
+
+def _kernels_note(results: dict) -> str:
+    """Which implementation of M and R the 2.5D measurements ran, where the run recorded it."""
+    if "fused_kernels" not in results:
+        return ""
+    if results["fused_kernels"]:
+        return (" `M` and `R` ran as the bundle runs them on CPU, the fused C++ kernels of `scripts/fused.py` "
+                "(B3 times the pure-PyTorch path beside them).")
+    return " The fused kernels of `scripts/fused.py` could not be built: `M` and `R` ran the pure-PyTorch path."
 
 
 def _network_value(results: dict, key: str, before: object) -> object:
@@ -372,7 +396,7 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
         "`ru_maxrss`. Times are medians of "
         f"{s['repeats']} run(s) after one warm-up, timed once the child's torch thread pool answers promptly "
         "(`settle_s` in the JSON: on a loaded machine a fresh process's worker threads lag for seconds). "
-        "Inputs of B1-B3 are random tensors; weights are untrained.",
+        "Inputs of B1-B3 are random tensors; weights are untrained." + _kernels_note(results),
         "",
         "## Targets (issue 5)",
         "",
