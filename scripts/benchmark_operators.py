@@ -147,6 +147,11 @@ on all `p` projections (padded to multiples of 16), for scale.
 {table}
 
 ## How the operators reach this
+- On CPU the bundle runs `M` and `R` as fused C++ kernels (`scripts/fused.py`, compiled at
+  first use): each sample is read, interpolated and reduced in one pass, with OpenMP over
+  detector bins (`M`) or voxels (`R`). The *pure* columns time the pure-PyTorch path
+  described below, which exported models (TorchScript, ONNX) hold and which runs where no
+  C++ compiler is available; both give the same values to float rounding.
 - The z axis stays contiguous: the plane is flattened into `H·W` rows of whole z-columns
   (batch and channels folded in; a view, no copy, for one image), so a sample is one
   row gather of `D` floats.

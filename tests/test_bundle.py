@@ -166,7 +166,8 @@ def test_torchscript_export_runs_without_project_code(bundle):
     parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
     kwargs = parser.get("network_def").copy()
     kwargs.pop("_target_")
-    kwargs.update(num_directions=4, reduction="max", channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
+    kwargs.update(num_directions=4, reduction=parser.get_parsed_content("reduction"), channels=[4, 8, 16],
+                  strides=[2, 2], num_res_units=1)
     net = UNet25D(**kwargs)
     net.load_state_dict(torch.load(os.path.join(bundle["ckpt"], "model.pt"), map_location="cpu"))
     net.eval()
