@@ -9,8 +9,8 @@ use the pure path, so they need no project code.
 
 The kernels are compiled once per machine by ``torch.utils.cpp_extension`` (a C++ compiler and
 ``ninja`` are needed; about a minute) into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``), one folder per torch and Python version. Where that fails, a warning says why and the pure
-path is used. ``UNET25D_FUSED=0`` turns them off.
+by default ``~/.cache/torch_extensions``), one folder per torch and Python version. Where that
+fails, a warning says why and the pure path is used. ``UNET25D_FUSED=0`` turns them off.
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ class Filtration(nn.Module):
     """``F``: a learnable 1D filter along the detector axis ``s`` of each projection.
 
     A depthwise convolution with kernel ``(kernel_size, 1)`` (zero padding, shape kept;
-    computed as a sum of shifted copies, the cheap way for a 1D kernel), one filter per channel, shared by all directions or one per direction; the
-    learnable analogue of the ramp filter of filtered backprojection.
+    computed as a sum of shifted copies, the cheap way for a 1D kernel), one filter per
+    channel, shared by all directions or one per direction; the learnable analogue of the
+    ramp filter of filtered backprojection.
 
     Args:
         channels: K, the channels of the projections.
@@ -143,8 +144,8 @@ class FineTuning(nn.Module):
         if image is None:
             raise ValueError("this fine-tuning layer has an intensity term: pass the image.")
         if image.shape[1] != weight.shape[1] or image.shape[2:] != z.shape[2:]:
-            raise ValueError(f"the image must have shape (B, {weight.shape[1]}, {', '.join(str(n) for n in z.shape[2:])}), "
-                             f"got {list(image.shape)}.")
+            spatial = ", ".join(str(n) for n in z.shape[2:])
+            raise ValueError(f"the image must have shape (B, {weight.shape[1]}, {spatial}), got {list(image.shape)}.")
         for c in range(weight.shape[1]):
             tap = weight[:, c].view(1, -1, 1, 1, 1)
             z = z.addcmul_(image[:, c : c + 1], tap) if inplace else torch.addcmul(z, image[:, c : c + 1], tap)
