@@ -13,7 +13,7 @@ import pytest
 import torch
 from parameterized import parameterized
 
-from scripts import benchmark_accuracy
+from scripts import benchmark_accuracy, fused
 from scripts.benchmark import BENCHMARKS, run, run_child
 from scripts.benchmark_report import (
     limits_section,
@@ -26,7 +26,7 @@ from scripts.benchmark_report import (
     speed_ratios,
     target_status,
 )
-from scripts.benchmark_speed import MemoryProbe
+from scripts.benchmark_speed import MemoryProbe, bundle_unet25d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,7 +202,11 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     assert all(t["status"] in ("met", "not met", "not measured") for t in results["targets"])
     assert results["environment"]["threads"] == 1 and results["environment"]["torch"]
     assert results["settings"]["budget_s"] == 2.0 and results["B4"]["budget_s"] == 2.0
+    # the 2.5D network measured is the bundle's own, and the page says which operators ran
+    assert results["network_25d"]["num_directions"] == bundle_unet25d()[1]["num_directions"]
+    assert results["fused_kernels"] == (fused.ops() is not None)
     page = (out / "benchmarks.md").read_text()
+    assert ("fused C++ kernels" if results["fused_kernels"] else "could not be built") in page
     assert "**Quick run**" in page and "--quick" in page
     plots = ("benchmark_speed.png", "benchmark_operators.png", "benchmark_accuracy.png", "benchmark_directions.png")
     for name in plots:
