@@ -326,13 +326,18 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
         lines.append(
             "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (`R` writes it, `T` "
             "overwrites it in place), the sampling tables of `M` and `R` (int32, cached per shape), `U`'s feature "
-            "maps for `direction_batch` projections at once, and the heap blocks that glibc keeps after those "
-            "feature maps are freed (its mmap threshold rises with the blocks freed, so a later volume-sized "
-            "allocation can come on top of them, and the figure varies from run to run for that "
+            "maps for `direction_batch` projections at once (1 in the bundle's configs), and the heap blocks that "
+            "glibc keeps after those feature maps are freed (its mmap threshold rises with the blocks freed, so a "
+            "later volume-sized allocation can come on top of them, and the figure varies from run to run for that "
             "reason). The 3D U-Net's sliding window bounds its own peak to one window's feature maps and the "
             "output. In a training step the crop-sized 3D tensors of both paths (the two outputs, `T`'s pooled "
             "volume, the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
-            "for the q projections of path 1, so fewer directions do not shrink it in proportion.")
+            "for the q projections of path 1, so fewer directions do not shrink it in proportion; and the "
+            "process's peak RSS is about twice the peak of its live tensors (torch.profiler's memory timeline of "
+            "one step), the rest being freed blocks glibc keeps. A fixed mmap threshold returns them "
+            "(`MALLOC_MMAP_THRESHOLD_=1048576 python -m scripts.benchmark --only B2` lowers both models' peaks "
+            "and raises the ratio), but every large allocation then faults in fresh pages and both steps slow "
+            "down by half or more, so the benchmark keeps glibc's defaults for both models.")
     if any(b == "B2" and "faster" in t for b, t in missed):
         p, q = _network_value(results, "num_directions", 16), _network_value(results, "num_subset", 4)
         lines.append(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from parameterized import parameterized
 
-from scripts.layers import Filtration, FineTuning
+from scripts.layers import Filtration, FineTuning, box_mean
 
 
 @parameterized.expand([[1, 9, 1], [3, 5, 1], [2, 7, 6], [1, 1, 4]])
@@ -53,6 +53,43 @@ def test_fine_tuning_pools_only_inside():
     t = FineTuning(1)
     out = t(torch.full((1, 1, 5, 6, 7), 2.0))
     assert torch.allclose(out, torch.sigmoid(torch.tensor(2.0)).expand_as(out))
+
+
+@parameterized.expand([[3, (9, 10, 11)], [5, (12, 7, 9)], [3, (4, 5, 3)], [1, (3, 4, 5)], [7, (8, 9, 10)]])
+def test_box_mean_is_torch_pooling(k, spatial):
+    """Values and gradients of torch's pooling (count_include_pad=False) where it accepts the size."""
+    x = torch.randn(2, 3, *spatial, dtype=torch.float64, requires_grad=True)
+    pool = torch.nn.AvgPool3d(k, stride=1, padding=k // 2, count_include_pad=False)
+    g = torch.randn(2, 3, *spatial, dtype=torch.float64)
+    ours = box_mean(x, k)
+    (grad_ours,) = torch.autograd.grad(ours, x, g)
+    theirs = pool(x)
+    (grad_theirs,) = torch.autograd.grad(theirs, x, g)
+    assert torch.allclose(ours, theirs, atol=1e-12)
+    assert torch.allclose(grad_ours, grad_theirs, atol=1e-12)
+
+
+@parameterized.expand([[3, (1, 1, 1)], [3, (2, 5, 1)], [5, (3, 1, 4)]])
+def test_box_mean_thin_volumes(k, spatial):
+    """Volumes thinner than the window: the mean of the voxels inside each window, by brute force."""
+    x = torch.randn(1, 2, *spatial, dtype=torch.float64)
+    r = k // 2
+    expected = torch.empty_like(x)
+    h, w, d = spatial
+    for i in range(h):
+        for j in range(w):
+            for m in range(d):
+                window = x[:, :, max(i - r, 0) : i + r + 1, max(j - r, 0) : j + r + 1, max(m - r, 0) : m + r + 1]
+                expected[:, :, i, j, m] = window.mean(dim=(2, 3, 4))
+    assert torch.allclose(box_mean(x, k), expected, atol=1e-12)
+
+
+@parameterized.expand([[3, (40, 9, 8)], [5, (33, 6, 7)], [3, (4, 5, 6)]])
+def test_fine_tuning_inplace_pooling_is_the_same(k, spatial):
+    """The slab-by-slab pooling over the input at inference gives the values of the plain one."""
+    t = FineTuning(1, kernel_size=k)
+    x = torch.randn(1, 1, *spatial, dtype=torch.float64)
+    assert torch.allclose(t._pool_inplace(x.clone(), slab_elements=64), box_mean(x, k), atol=1e-12)
 
 
 def test_fine_tuning_bad_kernel():
