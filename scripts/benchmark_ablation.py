@@ -31,19 +31,26 @@ __all__ = ["VARIANTS", "train_variant", "run", "render"]
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = {  # every variant names its projection and p, so that it does not change with train.json's defaults
-    "MIP, p = 16": {"reduction": "max", "num_directions": 16},
-    "MIP + ray sum, p = 16": {"reduction": ["max", "sum"], "num_directions": 16},
-    "ray sum, p = 16": {"reduction": "sum", "num_directions": 16},
-    "MIP, p = 16, q = 8": {"reduction": "max", "num_directions": 16, "num_subset": 8},
-    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, "network_def#pool_size": 1},
-    "MIP, p = 8": {"reduction": "max", "num_directions": 8},
-    "MIP + ray sum, p = 8": {"reduction": ["max", "sum"], "num_directions": 8},
-    "MIP + ray sum, p = 8, q = 2": {"reduction": ["max", "sum"], "num_directions": 8, "num_subset": 2},
-    "MIP + ray sum, p = 8, intensity term": {"reduction": ["max", "sum"], "num_directions": 8,
-                                             "network_def#intensity_term": True},
-    "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16,
-                                           "network_def#filter_size": 33, "network_def#filter_init": "ramp"},
+# T without the image terms, as the paper has it: the variants measured before those options set it explicitly
+_PAPER_T = {"network_def#intensity_term": False, "network_def#contrast_size": 0}
+_MAX_SUM = ["max", "sum"]
+
+VARIANTS = {  # every variant names its projection, p and T, so that it does not change with train.json's defaults
+    "MIP, p = 16": {"reduction": "max", "num_directions": 16, **_PAPER_T},
+    "MIP + ray sum, p = 16": {"reduction": _MAX_SUM, "num_directions": 16, **_PAPER_T},
+    "ray sum, p = 16": {"reduction": "sum", "num_directions": 16, **_PAPER_T},
+    "MIP, p = 16, q = 8": {"reduction": "max", "num_directions": 16, "num_subset": 8, **_PAPER_T},
+    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, "network_def#pool_size": 1, **_PAPER_T},
+    "MIP, p = 8": {"reduction": "max", "num_directions": 8, **_PAPER_T},
+    "MIP + ray sum, p = 8": {"reduction": _MAX_SUM, "num_directions": 8, **_PAPER_T},
+    "MIP + ray sum, p = 8, q = 2": {"reduction": _MAX_SUM, "num_directions": 8, "num_subset": 2, **_PAPER_T},
+    "MIP + ray sum, p = 8, intensity term": {"reduction": _MAX_SUM, "num_directions": 8,
+                                             "network_def#intensity_term": True, "network_def#contrast_size": 0},
+    "MIP + ray sum, p = 8, intensity and contrast terms": {
+        "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True,
+        "network_def#contrast_size": 5},
+    "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16, "network_def#filter_size": 33,
+                                           "network_def#filter_init": "ramp", **_PAPER_T},
 }
 
 

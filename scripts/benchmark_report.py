@@ -316,6 +316,10 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
                          "per-ray vessel amounts that a ramp filter could turn into the FBP oracle's sharp "
                          "reconstruction; closing that gap (a loss on the projections, a longer `F`) is the open "
                          "problem.")
+            if _network_value(results, "intensity_term", False):
+                text += (" The fine-tuning layer's image terms (a learned multiple of the intensity and of its local "
+                         "contrast) give back some of the 3D detail the projections lose ([ablation.md](ablation.md)), "
+                         "but the 3D U-Net's convolutions see that detail at every layer.")
             else:
                 text += (" Training the U-Net on ray sums (`reduction=[\"max\", \"sum\"]`) is the way on "
                          "([ablation.md](ablation.md)).")
@@ -376,7 +380,14 @@ def _network_25d(results: dict) -> str:
         return "`UNet25D()` defaults (p = 16, MIP)"
     n = results["network_25d"]
     reduction = n["reduction"] if isinstance(n["reduction"], str) else " + ".join(n["reduction"])
-    return f"the bundle's network (`configs/train.json`: p = {n['num_directions']}, projections {reduction})"
+    terms = ""
+    if n.get("intensity_term"):
+        terms = ", `T` with the intensity term"
+        if n.get("contrast_size"):
+            terms += f" and the local-contrast term ({n['contrast_size']}³)"
+    batch = f", direction_batch {n['direction_batch']}" if "direction_batch" in n else ""
+    p = n["num_directions"]
+    return f"the bundle's network (`configs/train.json`: p = {p}, projections {reduction}{terms}{batch})"
 
 
 def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -> str:

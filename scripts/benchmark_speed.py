@@ -119,7 +119,8 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     """The 2.5D U-Net the bundle trains (``network_def`` of ``configs/train.json``) and its settings.
 
     Returns:
-        the network and ``{"num_directions", "num_subset", "reduction"}`` (p, q, the projections).
+        the network and ``{"num_directions", "num_subset", "reduction", "intensity_term", "contrast_size",
+        "direction_batch"}`` (p, q, the projections, T's image terms, projections per U call without a gradient).
     """
     from monai.bundle import ConfigParser
 
@@ -127,8 +128,11 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     parser.read_config(os.path.join(ROOT, "configs", "train.json"))
     net = parser.get_parsed_content("network_def")
     reduction = parser.get_parsed_content("reduction")
+    t = net.fine_tuning
     settings = {"num_directions": net.num_directions, "num_subset": int(parser.get_parsed_content("num_subset")),
-                "reduction": reduction if isinstance(reduction, str) else list(reduction)}
+                "reduction": reduction if isinstance(reduction, str) else list(reduction),
+                "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
+                "direction_batch": net.direction_batch}
     return net, settings
 
 

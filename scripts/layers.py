@@ -139,30 +139,47 @@ class FineTuning(nn.Module):
     With ``image_channels > 0`` (an option beyond the paper, off by default) a learned
     multiple of the image's intensity is added before the sigmoid, per class and image
     channel, initialised to 0: a voxel through which the rays of several vessels pass looks
-    like vessel to the backprojection, but it is dark in the image.
+    like vessel to the backprojection, but it is dark in the image. With ``contrast_size > 0``
+    as well, a learned multiple of the image's local contrast (each channel minus its mean
+    over a ``contrast_size``³ window, :func:`box_mean`) is added the same way: a vessel is
+    brighter than its surroundings, whatever the bias field makes of the background.
 
     Args:
         channels: K.
         kernel_size: odd size of the cubic pooling window.
         image_channels: C of the image for the intensity term; 0 for none.
+        contrast_size: odd window of the local-contrast term (needs ``image_channels > 0``); 0 for none.
 
     Shapes:
         ``(B, K, H, W, D) -> (B, K, H, W, D)``, values in ``[0, 1]``; ``image`` ``(B, C, H, W, D)``.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, image_channels: int = 0) -> None:
+    def __init__(
+        self, channels: int, kernel_size: int = 3, image_channels: int = 0, contrast_size: int = 0
+    ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}.")
         if image_channels < 0:
             raise ValueError(f"image_channels must be at least 0, got {image_channels}.")
+        if contrast_size < 0 or (contrast_size > 0 and contrast_size % 2 == 0):
+            raise ValueError(f"contrast_size must be 0 or a positive odd number, got {contrast_size}.")
+        if contrast_size > 0 and image_channels == 0:
+            raise ValueError(
+                "the local-contrast term (contrast_size > 0) needs the intensity term (image_channels > 0)."
+            )
         self.kernel_size = kernel_size
+        self.contrast_size = contrast_size
         self.scale = nn.Parameter(torch.ones(channels))
         self.shift = nn.Parameter(torch.zeros(channels))
         if image_channels > 0:
             self.intensity = nn.Parameter(torch.zeros(channels, image_channels))
         else:
             self.register_parameter("intensity", None)
+        if contrast_size > 0:
+            self.contrast = nn.Parameter(torch.zeros(channels, image_channels))
+        else:
+            self.register_parameter("contrast", None)
 
     def forward(self, x: torch.Tensor, inplace: bool = False, image: torch.Tensor | None = None) -> torch.Tensor:
         """``T(x)``; with ``inplace=True`` and no gradient recorded, written over ``x`` (no new volume).
@@ -187,10 +204,38 @@ class FineTuning(nn.Module):
         if image.shape[1] != weight.shape[1] or image.shape[2:] != z.shape[2:]:
             spatial = ", ".join(str(n) for n in z.shape[2:])
             raise ValueError(f"the image must have shape (B, {weight.shape[1]}, {spatial}), got {list(image.shape)}.")
+        contrast = self.contrast
         for c in range(weight.shape[1]):
+            channel = image[:, c : c + 1]
             tap = weight[:, c].view(1, -1, 1, 1, 1)
-            z = z.addcmul_(image[:, c : c + 1], tap) if inplace else torch.addcmul(z, image[:, c : c + 1], tap)
+            if contrast is not None:
+                # w x + v (x - mean(x)) = (w + v) x - v mean(x)
+                tap = tap + contrast[:, c].view(1, -1, 1, 1, 1)
+            z = z.addcmul_(channel, tap) if inplace else torch.addcmul(z, channel, tap)
+            if contrast is not None:
+                minus = -contrast[:, c].view(1, -1, 1, 1, 1)
+                if inplace:
+                    self._add_local_mean_inplace(z, channel, minus)
+                else:
+                    z = torch.addcmul(z, box_mean(channel, self.contrast_size), minus)
         return z
+
+    def _add_local_mean_inplace(self, z: torch.Tensor, channel: torch.Tensor, tap: torch.Tensor,
+                                slab_elements: int = 1 << 18) -> None:
+        """``z += tap * box_mean(channel)``, one slab of rows along H at a time: a few slabs of
+        extra memory instead of the local mean's volume (``channel`` ``(B, 1, H, W, D)`` is only read)."""
+        k = self.contrast_size
+        r = k // 2
+        h = channel.shape[2]
+        per_row = channel.shape[0] * channel.shape[3] * channel.shape[4]
+        rows = max(k, slab_elements // max(per_row, 1))
+        h0 = 0
+        while h0 < h:
+            h1 = min(h0 + rows, h)
+            lo = max(h0 - r, 0)
+            block = box_mean(channel[:, :, lo : min(h1 + r, h)], k)
+            z[:, :, h0:h1].addcmul_(block[:, :, h0 - lo : h1 - lo], tap)
+            h0 = h1
 
     def _pool_inplace(self, x: torch.Tensor, slab_elements: int = 1 << 18) -> torch.Tensor:
         """:meth:`_pool` written over ``x``, one slab of rows along H at a time (same values).

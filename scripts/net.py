@@ -59,6 +59,8 @@ class UNet25D(nn.Module):
             logits (without it, voxels at the volume's faces and corners come out as vessel).
         intensity_term: ``T`` also adds a learned multiple of the image's intensity before its
             sigmoid (:class:`scripts.layers.FineTuning`; beyond the paper, off by default).
+        contrast_size: with ``intensity_term``, ``T`` also adds a learned multiple of the image's
+            local contrast (intensity minus its mean over a ``contrast_size``³ window); 0: none.
 
     Shapes:
         ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities, for any ``H, W >= 2`` and
@@ -95,6 +97,7 @@ class UNet25D(nn.Module):
         margin: int = 8,
         direction_batch: int = 4,
         intensity_term: bool = False,
+        contrast_size: int = 0,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -135,7 +138,9 @@ class UNet25D(nn.Module):
             out_channels, filter_size, num_directions if filter_per_direction else 1, filter_init
         )
         self.backprojection = Backprojection()
-        self.fine_tuning = FineTuning(out_channels, pool_size, in_channels if intensity_term else 0)
+        if contrast_size > 0 and not intensity_term:
+            raise ValueError("contrast_size > 0 (the local-contrast term) needs intensity_term=True.")
+        self.fine_tuning = FineTuning(out_channels, pool_size, in_channels if intensity_term else 0, contrast_size)
 
     def forward(self, x: torch.Tensor, num_subset: int = 0) -> torch.Tensor:
         """Probabilities over all directions; with ``num_subset > 0`` both training paths."""

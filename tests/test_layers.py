@@ -113,6 +113,44 @@ def test_fine_tuning_intensity_term(k, c, inplace):
     assert with_term.intensity.grad is not None and with_term.intensity.grad.abs().sum() > 0
 
 
+@parameterized.expand([[1, 1, 5, False], [2, 3, 3, True], [1, 2, 5, True], [1, 1, 7, True]])
+def test_fine_tuning_contrast_term(k, c, size, inplace):
+    """Zero at initialisation; then a learned multiple of each channel minus its local mean."""
+    x, image = torch.randn(2, k, 9, 6, 5, dtype=torch.float64), torch.rand(2, c, 9, 6, 5, dtype=torch.float64)
+    plain = FineTuning(k, image_channels=c).double()
+    with_term = FineTuning(k, image_channels=c, contrast_size=size).double()
+    with torch.no_grad():
+        assert torch.allclose(with_term(x.clone(), inplace, image), plain(x.clone(), inplace, image), atol=1e-12)
+        with_term.intensity.uniform_(-2, 2)
+        with_term.contrast.uniform_(-2, 2)
+        logit = torch.logit(FineTuning(k).double()(x.clone()), eps=0)
+        contrast = image - box_mean(image, size)
+        logit = logit + torch.einsum("kc,bc...->bk...", with_term.intensity, image)
+        expected = torch.sigmoid(logit + torch.einsum("kc,bc...->bk...", with_term.contrast, contrast))
+        assert torch.allclose(with_term(x.clone(), inplace, image), expected, atol=1e-10)
+    out = with_term(x, False, image)
+    out.sum().backward()
+    assert with_term.contrast.grad is not None and with_term.contrast.grad.abs().sum() > 0
+
+
+@parameterized.expand([[3, (40, 9, 8)], [5, (33, 6, 7)], [7, (5, 6, 4)]])
+def test_local_mean_by_slabs_is_the_same(size, spatial):
+    """The slab-by-slab local mean at inference adds the values of the whole-volume one."""
+    t = FineTuning(1, image_channels=1, contrast_size=size)
+    channel = torch.rand(1, 1, *spatial, dtype=torch.float64)
+    z, tap = torch.randn(1, 1, *spatial, dtype=torch.float64), torch.tensor(-0.7, dtype=torch.float64)
+    expected = z + tap * box_mean(channel, size)
+    t._add_local_mean_inplace(z, channel, tap.view(1, 1, 1, 1, 1), slab_elements=64)
+    assert torch.allclose(z, expected, atol=1e-12)
+
+
+@parameterized.expand([[dict(image_channels=1, contrast_size=4)], [dict(image_channels=0, contrast_size=5)],
+                       [dict(image_channels=1, contrast_size=-1)]])
+def test_fine_tuning_bad_contrast(kwargs):
+    with pytest.raises(ValueError, match="contrast"):
+        FineTuning(1, **kwargs)
+
+
 def test_fine_tuning_intensity_term_needs_the_image():
     t = FineTuning(1, image_channels=1)
     with pytest.raises(ValueError, match="pass the image"):
