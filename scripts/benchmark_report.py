@@ -317,9 +317,11 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
                          "reconstruction; closing that gap (a loss on the projections, a longer `F`) is the open "
                          "problem.")
             if _network_value(results, "intensity_term", False):
-                text += (" The fine-tuning layer's image terms (a learned multiple of the intensity and of its local "
-                         "contrast) give back some of the 3D detail the projections lose ([ablation.md](ablation.md)), "
-                         "but the 3D U-Net's convolutions see that detail at every layer.")
+                what = ("a learned multiple of the intensity and of its local contrast"
+                        if _network_value(results, "contrast_size", 0) else "a learned multiple of the intensity")
+                text += (f" The fine-tuning layer's image term ({what}) gives back some of the 3D detail the "
+                         "projections lose ([ablation.md](ablation.md)), but the 3D U-Net's convolutions see that "
+                         "detail at every layer.")
             else:
                 text += (" Training the U-Net on ray sums (`reduction=[\"max\", \"sum\"]`) is the way on "
                          "([ablation.md](ablation.md)).")
