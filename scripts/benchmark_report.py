@@ -316,15 +316,15 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
                          "per-ray vessel amounts that a ramp filter could turn into the FBP oracle's sharp "
                          "reconstruction; closing that gap (a loss on the projections, a longer `F`) is the open "
                          "problem.")
+            else:
+                text += (" Training the U-Net on ray sums (`reduction=[\"max\", \"sum\"]`) is the way on "
+                         "([ablation.md](ablation.md)).")
             if _network_value(results, "intensity_term", False):
                 what = ("a learned multiple of the intensity and of its local contrast"
                         if _network_value(results, "contrast_size", 0) else "a learned multiple of the intensity")
                 text += (f" The fine-tuning layer's image term ({what}) gives back some of the 3D detail the "
                          "projections lose ([ablation.md](ablation.md)), but the 3D U-Net's convolutions see that "
                          "detail at every layer.")
-            else:
-                text += (" Training the U-Net on ray sums (`reduction=[\"max\", \"sum\"]`) is the way on "
-                         "([ablation.md](ablation.md)).")
         else:
             text += " `python -m scripts.benchmark_ceiling` measures how far a perfect 2D U-Net would get."
         lines.append(text)

@@ -147,6 +147,28 @@ def test_limits_section_names_only_missed_targets():
     assert "0.640" in text and "0.850" in text and "0.700" in text
 
 
+@pytest.mark.parametrize(
+    "network, ray_sum_advice, image_term",
+    [
+        ({"reduction": "max", "intensity_term": False}, True, None),
+        ({"reduction": ["max", "sum"], "intensity_term": False}, False, None),
+        ({"reduction": ["max", "sum"], "intensity_term": True, "contrast_size": 0}, False, "of the intensity)"),
+        ({"reduction": "max", "intensity_term": True, "contrast_size": 5}, True, "of its local contrast"),
+    ],
+)
+def test_limits_section_b4_follows_the_network(network, ray_sum_advice, image_term):
+    """The B4 text advises ray sums only where the network lacks them, and names T's image terms where it has them."""
+    results = {"network_25d": network, "targets": _targets({("B4", "2.5D test Dice ≥ 3D U-Net's"): "not met"}),
+               "B4": {"models": {}}}
+    ceiling = {"rows": [{"oracle": "hull", "test": {"dice": 0.64}}, {"oracle": "fbp", "test": {"dice": 0.85}}]}
+    text = "\n".join(limits_section(results, ceiling))
+    assert ("is the way on" in text) == ray_sum_advice
+    assert ("sees the ray sum beside the MIP" in text) != ray_sum_advice
+    assert ("image term" in text) == (image_term is not None)
+    if image_term is not None:
+        assert image_term in text
+
+
 def test_memory_probe_sees_an_allocation():
     probe = MemoryProbe()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
