@@ -40,7 +40,7 @@ from tqdm import tqdm
 from scripts.benchmark_speed import MemoryProbe
 from scripts.data import load_datalist
 from scripts.frangi import FrangiSegmenter, fit
-from scripts.metrics import compute_cldice
+from scripts.metrics import compute_cldice, error_breakdown
 from scripts.net import UNet25D
 from scripts.slicestack import SliceStackUNet
 from scripts.synthetic import write_dataset
@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("unet25d", "unet3d", "slicestack")
+ERROR_KEYS = ("precision", "recall", "thin_recall", "thick_recall", "fp_touching")  # scripts.metrics.error_breakdown
+TEST_KEYS = ("dice", "cldice", "hd95") + ERROR_KEYS
 LEVELS = {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2}
 TINY_LEVELS = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
 BUILT_IN = {  # as configs/unet3d.json and configs/slicestack.json, for a bundle without them
@@ -116,9 +118,11 @@ def _predictor(net: torch.nn.Module, crop: Sequence[int]) -> Callable[[torch.Ten
 
 
 def case_metrics(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], full: bool = True) -> dict:
-    """Dice (and with ``full`` clDice and HD95 in mm) of binary ``(1, 1, H, W, D)`` masks; nan when undefined."""
+    """Dice (and with ``full`` clDice, HD95 in mm and :func:`scripts.metrics.error_breakdown`) of binary
+    ``(1, 1, H, W, D)`` masks; nan when undefined."""
     out = {"dice": float(compute_dice(pred, label, include_background=True)[0, 0])}
     if full:
+        out.update(error_breakdown(pred, label))
         out["cldice"] = float(compute_cldice(pred, label)[0, 0])
         if pred.any() and label.any():
             hd = compute_hausdorff_distance(pred, label, include_background=True, percentile=95, spacing=list(spacing))
@@ -245,7 +249,7 @@ def train_model(
         "num_samples": int(parser.get_parsed_content("num_samples")),
         "curve": curve,
         "best_validation_dice": best_dice,
-        "test": {k: _mean(test_rows, k) for k in ("dice", "cldice", "hd95")},
+        "test": {k: _mean(test_rows, k) for k in TEST_KEYS},
         "test_per_case": test_rows,
     }
 
@@ -276,7 +280,7 @@ def frangi_baseline(data_dir: str, threshold_json: str) -> dict:
         for image, label, spacing in tqdm(_load_normalised(datalist[split]), desc=f"B4 frangi {split}", unit="case"):
             pred = torch.as_tensor(segmenter.predict(image, spacing)).float()[None, None]
             rows.append(case_metrics(pred, label, spacing, full=split == "test"))
-        keys = ("dice", "cldice", "hd95") if split == "test" else ("dice",)
+        keys = TEST_KEYS if split == "test" else ("dice",)
         result[split] = {k: _mean(rows, k) for k in keys}
         if split == "test":
             result["test_per_case"] = rows

@@ -276,8 +276,42 @@ def _b4_section(b4: dict) -> str:
     return markdown_table(header, rows) + f"\n\nNetworks and losses from: {sources}."
 
 
+def _b4_errors_section(b4: dict) -> str:
+    """Where each model's test errors lie (``scripts.metrics.error_breakdown``); empty for older results."""
+    entries = [(LABELS.get(m, m), r["test"]) for m, r in b4.get("models", {}).items() if "recall" in r.get("test", {})]
+    f = b4.get("frangi", {})
+    if "recall" in f.get("test", {}):
+        entries.append(("Frangi", f["test"]))
+    if not entries:
+        return ""
+    rows = [[name] + [fmt(t.get(k), ".3f") for k in ("precision", "recall", "thin_recall", "thick_recall",
+                                                      "fp_touching")] for name, t in entries]
+    header = ["model", "precision", "recall", "recall, thin vessels", "recall, thicker vessels",
+              "false positives touching a vessel"]
+    return (markdown_table(header, rows) + "\n\nMeans over the test cases, in voxels of each case's own grid "
+            "(`scripts.metrics.error_breakdown`): *thin* vessels are at most about 2 voxels across (largest "
+            "inside distance within 2 voxels at most 1); *touching*: the share of false-positive voxels with a "
+            "true voxel among their 26 neighbours (boundary errors rather than detections astray).")
+
+
 def _load(values: Sequence[float] | None) -> str:
     return "unknown" if not values else ", ".join(f"{v:.1f}" for v in values)
+
+
+def _error_text(models: dict) -> str:
+    """A sentence on where the 2.5D U-Net's test errors lie beside the 3D U-Net's (B4's error breakdown)."""
+    a, b = (models.get(m, {}).get("test", {}) for m in ("unet25d", "unet3d"))
+    keys = ("thin_recall", "thick_recall", "precision", "fp_touching")
+    if not all(isinstance(t.get(k), float) and math.isfinite(t[k]) for t in (a, b) for k in keys):
+        return ""
+    gap_thin, gap_thick = b["thin_recall"] - a["thin_recall"], b["thick_recall"] - a["thick_recall"]
+    where = "thin vessels" if gap_thin > gap_thick else "thicker vessels"
+    return (f" Where the errors are (table in B4): the 2.5D U-Net finds {a['thin_recall']:.0%} of the voxels of thin "
+            f"vessels (at most about 2 voxels across) and {a['thick_recall']:.0%} of the thicker ones, the 3D U-Net "
+            f"{b['thin_recall']:.0%} and {b['thick_recall']:.0%}, so the recall gap is larger on {where}; "
+            f"{a['fp_touching']:.0%} of the 2.5D U-Net's false-positive voxels touch a vessel "
+            f"(3D U-Net {b['fp_touching']:.0%}), the rest are detections astray (precision {a['precision']:.2f} "
+            f"against {b['precision']:.2f}).")
 
 
 def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
@@ -327,6 +361,7 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
                          "detail at every layer.")
         else:
             text += " `python -m scripts.benchmark_ceiling` measures how far a perfect 2D U-Net would get."
+        text += _error_text(models)
         lines.append(text)
     if any(b in ("B1", "B2") and "memory" in t for b, t in missed):
         lines.append(
@@ -459,6 +494,9 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
                   "metrics on each case's own grid after `Invertd`. 2.5D models infer the whole "
                   f"volume; the 3D U-Net uses sliding windows of the crop size, overlap 0.25. Frangi: "
                   "`scripts.frangi.fit` on the training split.", "", _b4_section(b4), ""]
+        errors = _b4_errors_section(b4)
+        if errors:
+            lines += ["Where the errors are:", "", errors, ""]
         if "B4" in images:
             lines += [f"![B4 validation Dice against time](images/{images['B4']})", ""]
     if "B5" in results:

@@ -16,6 +16,7 @@ from parameterized import parameterized
 from scripts import benchmark_accuracy, fused
 from scripts.benchmark import BENCHMARKS, run, run_child
 from scripts.benchmark_report import (
+    _b4_errors_section,
     limits_section,
     check_targets,
     fmt,
@@ -167,6 +168,36 @@ def test_limits_section_b4_follows_the_network(network, ray_sum_advice, image_te
     assert ("image term" in text) == (image_term is not None)
     if image_term is not None:
         assert image_term in text
+
+
+def _errors(thin: float, thick: float, touching: float, precision: float) -> dict:
+    return {"dice": 0.6, "cldice": 0.5, "hd95": 9.0, "precision": precision, "recall": (thin + thick) / 2,
+            "thin_recall": thin, "thick_recall": thick, "fp_touching": touching}
+
+
+@pytest.mark.parametrize(
+    "thin_25d, thick_25d, where",
+    [(0.30, 0.80, "larger on thin vessels"), (0.70, 0.60, "larger on thicker vessels")],
+)
+def test_b4_error_breakdown_in_table_and_limits(thin_25d, thick_25d, where):
+    """The error table lists every model with a breakdown; the limits text compares 2.5D and 3D from it."""
+    b4 = {"models": {"unet25d": {"test": _errors(thin_25d, thick_25d, 0.55, 0.61)},
+                     "unet3d": {"test": _errors(0.75, 0.90, 0.80, 0.72)}},
+          "frangi": {"test": _errors(0.2, 0.5, 0.3, 0.4)}}
+    results = {"network_25d": {"reduction": ["max", "sum"]}, "B4": b4,
+               "targets": _targets({("B4", "2.5D test Dice ≥ 3D U-Net's"): "not met"})}
+    text = "\n".join(limits_section(results))
+    assert where in text
+    assert f"finds {thin_25d:.0%} of the voxels of thin vessels" in text and "55% of the 2.5D" in text
+    assert "(3D U-Net 80%)" in text and "precision 0.61 against 0.72" in text
+    table = _b4_errors_section(b4)
+    assert table.count("\n| ") == 3  # the rows after the header: two models and Frangi
+    assert "| Frangi | 0.400 |" in table
+    # results of an older run, without the breakdown: no table, no sentence
+    old = {"models": {m: {"test": {"dice": 0.6}} for m in ("unet25d", "unet3d")}}
+    assert _b4_errors_section(old) == ""
+    results["B4"] = old
+    assert "Where the errors are" not in "\n".join(limits_section(results))
 
 
 def test_memory_probe_sees_an_allocation():

@@ -17,7 +17,15 @@ from parameterized import parameterized
 from skimage.morphology import skeletonize
 from torch import nn
 
-from scripts.metrics import ClDice, ClDiceMetric, HausdorffDistanceMM, compute_cldice, skeleton, voxel_spacing
+from scripts.metrics import (
+    ClDice,
+    ClDiceMetric,
+    HausdorffDistanceMM,
+    compute_cldice,
+    error_breakdown,
+    skeleton,
+    voxel_spacing,
+)
 
 SHAPE = (9, 9, 20)
 
@@ -150,6 +158,55 @@ def test_cldice_metric_aggregation():
     assert metric.get_buffer() is None
     with pytest.raises(ValueError):
         ClDiceMetric(reduction="median")
+
+
+def _thin_and_thick(shape=(20, 20, 20)) -> np.ndarray:
+    """A one-voxel line (16 voxels) and a 7 x 7 bar (784 voxels), both along the last axis."""
+    y = np.zeros(shape, bool)
+    y[2, 2, 2:18] = True
+    y[8:15, 8:15, 2:18] = True
+    return y
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_error_breakdown_counts(as_tensor, batched):
+    """Half the thin line missed, one face of the bar grown by a voxel, one stray voxel: counted by hand."""
+    y = _thin_and_thick()
+    pred = y.copy()
+    pred[2, 2, 2:10] = False  # 8 thin voxels missed
+    pred[8:15, 15, 2:18] = True  # 112 false positives touching the bar
+    pred[0, 18, 18] = True  # 1 false positive astray
+    if batched:
+        y, pred = y[None, None], pred[None, None]
+    if as_tensor:
+        y, pred = torch.as_tensor(y).float(), torch.as_tensor(pred).float()
+    out = error_breakdown(pred, y)
+    assert out["recall"] == pytest.approx(792 / 800)
+    assert out["precision"] == pytest.approx(792 / 905)
+    assert out["fp_touching"] == pytest.approx(112 / 113)
+    assert out["thin_recall"] == pytest.approx(0.5)
+    assert out["thick_recall"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("width, thin", [(1, True), (2, True), (3, False), (5, False)])
+def test_error_breakdown_thin_means_at_most_two_voxels_across(width, thin):
+    y = tube(width)[0, 0].numpy() > 0
+    out = error_breakdown(y, y)
+    assert out["recall"] == 1.0 and out["precision"] == 1.0
+    assert math.isnan(out["fp_touching"])  # no false positives
+    assert math.isnan(out["thick_recall" if thin else "thin_recall"])  # that group is empty
+    assert out["thin_recall" if thin else "thick_recall"] == 1.0
+
+
+def test_error_breakdown_empty_and_mismatched():
+    y = _thin_and_thick()
+    empty = error_breakdown(np.zeros_like(y), y)
+    assert empty["recall"] == 0.0 and math.isnan(empty["precision"])
+    nothing = error_breakdown(y, np.zeros_like(y))
+    assert nothing["precision"] == 0.0 and math.isnan(nothing["recall"]) and nothing["fp_touching"] == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        error_breakdown(y, y[:-1])
 
 
 def test_voxel_spacing_from_affine():
