@@ -475,7 +475,9 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
     if "B3" in results:
         lines += ["## B3 operators against the memory floor", "",
                   f"`scripts.benchmark_operators.measure` with p = {results['B3']['p']}: median time of each operator "
-                  "over the floor (p passes of `torch.amax` over one axis of a same-size volume).", "",
+                  "over the floor (p passes of `torch.amax` over one axis of a same-size volume); each timed run "
+                  "repeats a call that takes under 50 ms until it lasts about that long and counts the time per "
+                  "call, as `timeit` does.", "",
                   _b3_section(results["B3"]), ""]
         if "B3" in images:
             lines += [f"![B3 operators](images/{images['B3']})", ""]
