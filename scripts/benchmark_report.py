@@ -305,10 +305,15 @@ def _error_text(models: dict) -> str:
     if not all(isinstance(t.get(k), float) and math.isfinite(t[k]) for t in (a, b) for k in keys):
         return ""
     gap_thin, gap_thick = b["thin_recall"] - a["thin_recall"], b["thick_recall"] - a["thick_recall"]
-    where = "thin vessels" if gap_thin > gap_thick else "thicker vessels"
+    if gap_thin > 0 >= gap_thick:
+        verdict = "so it falls behind on thin vessels and is ahead on thicker ones"
+    elif gap_thick > 0 >= gap_thin:
+        verdict = "so it falls behind on thicker vessels and is ahead on thin ones"
+    else:
+        verdict = f"so the recall gap is larger on {'thin' if gap_thin > gap_thick else 'thicker'} vessels"
     return (f" Where the errors are (table in B4): the 2.5D U-Net finds {a['thin_recall']:.0%} of the voxels of thin "
             f"vessels (at most about 2 voxels across) and {a['thick_recall']:.0%} of the thicker ones, the 3D U-Net "
-            f"{b['thin_recall']:.0%} and {b['thick_recall']:.0%}, so the recall gap is larger on {where}; "
+            f"{b['thin_recall']:.0%} and {b['thick_recall']:.0%}, {verdict}; "
             f"{a['fp_touching']:.0%} of the 2.5D U-Net's false-positive voxels touch a vessel "
             f"(3D U-Net {b['fp_touching']:.0%}), the rest are detections astray (precision {a['precision']:.2f} "
             f"against {b['precision']:.2f}).")

@@ -177,7 +177,12 @@ def _errors(thin: float, thick: float, touching: float, precision: float) -> dic
 
 @pytest.mark.parametrize(
     "thin_25d, thick_25d, where",
-    [(0.30, 0.80, "larger on thin vessels"), (0.70, 0.60, "larger on thicker vessels")],
+    [
+        (0.30, 0.80, "recall gap is larger on thin vessels"),
+        (0.70, 0.80, "recall gap is larger on thicker vessels"),
+        (0.30, 0.95, "falls behind on thin vessels and is ahead on thicker ones"),
+        (0.80, 0.60, "falls behind on thicker vessels and is ahead on thin ones"),
+    ],
 )
 def test_b4_error_breakdown_in_table_and_limits(thin_25d, thick_25d, where):
     """The error table lists every model with a breakdown; the limits text compares 2.5D and 3D from it."""
