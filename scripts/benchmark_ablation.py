@@ -31,8 +31,9 @@ __all__ = ["VARIANTS", "train_variant", "run", "render"]
 
 logger = logging.getLogger(__name__)
 
-# T without the image terms, as the paper has it: the variants measured before those options set it explicitly
-_PAPER_T = {"network_def#intensity_term": False, "network_def#contrast_size": 0}
+# T as the paper has it (3^3 pooling, no image terms): the variants measured before those options set it explicitly
+_PAPER_T = {"network_def#intensity_term": False, "network_def#contrast_size": 0, "network_def#pool_size": 3}
+_POOL_3 = {"network_def#pool_size": 3}
 _MAX_SUM = ["max", "sum"]
 
 VARIANTS = {  # every variant names its projection, p and T, so that it does not change with train.json's defaults
@@ -40,15 +41,22 @@ VARIANTS = {  # every variant names its projection, p and T, so that it does not
     "MIP + ray sum, p = 16": {"reduction": _MAX_SUM, "num_directions": 16, **_PAPER_T},
     "ray sum, p = 16": {"reduction": "sum", "num_directions": 16, **_PAPER_T},
     "MIP, p = 16, q = 8": {"reduction": "max", "num_directions": 16, "num_subset": 8, **_PAPER_T},
-    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, "network_def#pool_size": 1, **_PAPER_T},
+    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, **_PAPER_T, "network_def#pool_size": 1},
     "MIP, p = 8": {"reduction": "max", "num_directions": 8, **_PAPER_T},
     "MIP + ray sum, p = 8": {"reduction": _MAX_SUM, "num_directions": 8, **_PAPER_T},
     "MIP + ray sum, p = 8, q = 2": {"reduction": _MAX_SUM, "num_directions": 8, "num_subset": 2, **_PAPER_T},
     "MIP + ray sum, p = 8, intensity term": {"reduction": _MAX_SUM, "num_directions": 8,
-                                             "network_def#intensity_term": True, "network_def#contrast_size": 0},
+                                             "network_def#intensity_term": True, "network_def#contrast_size": 0,
+                                             **_POOL_3},
+    "MIP + ray sum, p = 8, intensity term, pool 1": {"reduction": _MAX_SUM, "num_directions": 8,
+                                                     "network_def#intensity_term": True,
+                                                     "network_def#contrast_size": 0, "network_def#pool_size": 1},
     "MIP + ray sum, p = 8, intensity and contrast terms": {
         "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True,
-        "network_def#contrast_size": 5},
+        "network_def#contrast_size": 5, **_POOL_3},
+    "MIP + ray sum, p = 8, intensity and contrast terms, pool 1": {
+        "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True,
+        "network_def#contrast_size": 5, "network_def#pool_size": 1},
     "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16, "network_def#filter_size": 33,
                                            "network_def#filter_init": "ramp", **_PAPER_T},
 }
@@ -122,11 +130,14 @@ def run(
     threads: int = 1,
     parallel: int = 2,
     tiny: bool = False,
+    append: bool = False,
 ) -> dict:
     """Train every variant from every seed and write ``ablation.md`` and ``ablation.json`` to ``out``.
 
     The seed sets the initial weights, the order of the training cases, the random crops and the
-    random subsets of directions; the data split is the same for all.
+    random subsets of directions; the data split is the same for all. With ``append``, the runs of
+    ``<out>/ablation.json`` are kept (those of the same variant and seed are replaced) and the page
+    names every command that made it; its steps, validation interval, data and size must match.
     """
     from scripts.benchmark_accuracy import benchmark_data
 
@@ -139,6 +150,7 @@ def run(
         raise ValueError("seeds must name at least one seed.")
     if steps < 1 or val_every < 1 or parallel < 1:
         raise ValueError(f"steps, val_every and parallel must be positive, got {steps}, {val_every}, {parallel}.")
+    previous = _previous(out, data_dir, steps, val_every, tiny) if append else None
     benchmark_data(data_dir, threads=max(threads, 1))
     jobs = [(n, s) for n in names for s in seeds]
     rows = []
@@ -146,11 +158,44 @@ def run(
         running = [(n, s, _child(VARIANTS[n], data_dir, steps, val_every, threads, tiny, s))
                    for n, s in jobs[start:start + parallel]]
         rows += [_collect(n, s, p) for n, s, p in running]
-    result = {"command": "python -m scripts.benchmark_ablation " + " ".join(sys.argv[1:]),
-              "date": datetime.date.today().isoformat(), "data_dir": data_dir, "steps": steps, "tiny": tiny,
+    command = {"command": "python -m scripts.benchmark_ablation " + " ".join(sys.argv[1:]),
+               "date": datetime.date.today().isoformat()}
+    result = {**command, "data_dir": data_dir, "steps": steps, "val_every": val_every, "tiny": tiny,
               "seeds": seeds, "rows": rows}
+    if previous is not None:
+        result = _merge(previous, result)
     write_page(out, "ablation", result, render(result))
     return result
+
+
+def _previous(out: str, data_dir: str, steps: int, val_every: int, tiny: bool) -> dict:
+    """The saved ablation in ``out`` that an ``append`` run adds to, checked to be comparable."""
+    path = os.path.join(out, "ablation.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"append=True needs an earlier ablation to add to; {path} does not exist.")
+    with open(path) as f:
+        previous = json.load(f)
+    saved_every = previous.get("val_every") or (previous["rows"][0]["curve"][0]["steps"] if previous["rows"] else None)
+    mismatch = {k: (previous.get(k), v) for k, v in
+                {"data_dir": data_dir, "steps": steps, "tiny": tiny}.items() if previous.get(k) != v}
+    if saved_every not in (None, val_every):
+        mismatch["val_every"] = (saved_every, val_every)
+    if mismatch:
+        raise ValueError(f"{path} was made with other settings; its runs are not comparable "
+                         f"(saved, now): {mismatch}. Run without append to start a new page.")
+    return previous
+
+
+def _merge(previous: dict, result: dict) -> dict:
+    """``result``'s runs added to ``previous``'s (replacing the same variant and seed), in :data:`VARIANTS` order."""
+    new = {(r["name"], r["seed"]) for r in result["rows"]}
+    rows = [r for r in previous["rows"] if (r["name"], r.get("seed", 0)) not in new] + result["rows"]
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: (order.get(r["name"], len(order)), r.get("seed", 0)))
+    history = previous.get("history") or [{"command": previous["command"], "date": previous["date"]}]
+    history = history + [{"command": result["command"], "date": result["date"]}]
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    return {**result, "seeds": seeds, "rows": rows, "history": history}
 
 
 def render(result: dict) -> str:
@@ -161,9 +206,9 @@ def render(result: dict) -> str:
     lines = [
         "# Ablations of the random 2.5D U-Net at an equal number of steps",
         "",
-        f"Generated by `{result['command']}` on {result['date']}. Do not edit by hand.",
+        _generated(result),
         "",
-        f"Each variant is `configs/train.json` with the overrides shown, trained for {result['steps']} two-path "
+        f"Each variant is `configs/train.json` (as of the date of the command that ran it) with the overrides shown, trained for {result['steps']} two-path "
         "steps (batch 1, 64³ crops, Adam at the config's learning rate) on the benchmark's synthetic training "
         "split, and validated on its validation split (whole volumes, Dice on each case's own grid). The seed "
         "sets the initial weights, the case order, the crops and the random subsets of directions. Few "
@@ -187,6 +232,12 @@ def render(result: dict) -> str:
     if result.get("tiny"):
         lines += ["", "> **Tiny run**: tiny networks and few steps; it checks the script, not the methods."]
     return "\n".join(lines) + "\n"
+
+
+def _generated(result: dict) -> str:
+    history = result.get("history") or [{"command": result["command"], "date": result["date"]}]
+    made = ", then ".join(f"`{h['command']}` on {h['date']}" for h in history)
+    return f"Generated by {made}. Do not edit by hand."
 
 
 def _overrides(overrides: dict) -> str:

@@ -422,11 +422,12 @@ def _network_25d(results: dict) -> str:
         return "`UNet25D()` defaults (p = 16, MIP)"
     n = results["network_25d"]
     reduction = n["reduction"] if isinstance(n["reduction"], str) else " + ".join(n["reduction"])
-    terms = ""
+    parts = [] if n.get("pool_size") is None else ["no pooling" if n["pool_size"] == 1 else f"{n['pool_size']}³ pooling"]
     if n.get("intensity_term"):
-        terms = ", `T` with the intensity term"
+        parts.append("intensity term")
         if n.get("contrast_size"):
-            terms += f" and the local-contrast term ({n['contrast_size']}³)"
+            parts.append(f"local-contrast term ({n['contrast_size']}³)")
+    terms = f", `T`: {', '.join(parts)}" if parts else ""
     batch = f", direction_batch {n['direction_batch']}" if "direction_batch" in n else ""
     p = n["num_directions"]
     return f"the bundle's network (`configs/train.json`: p = {p}, projections {reduction}{terms}{batch})"

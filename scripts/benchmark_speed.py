@@ -119,8 +119,9 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     """The 2.5D U-Net the bundle trains (``network_def`` of ``configs/train.json``) and its settings.
 
     Returns:
-        the network and ``{"num_directions", "num_subset", "reduction", "intensity_term", "contrast_size",
-        "direction_batch"}`` (p, q, the projections, T's image terms, projections per U call without a gradient).
+        the network and ``{"num_directions", "num_subset", "reduction", "pool_size", "intensity_term",
+        "contrast_size", "direction_batch"}`` (p, q, the projections, T's pooling window and image terms,
+        projections per U call without a gradient).
     """
     from monai.bundle import ConfigParser
 
@@ -131,7 +132,7 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     t = net.fine_tuning
     settings = {"num_directions": net.num_directions, "num_subset": int(parser.get_parsed_content("num_subset")),
                 "reduction": reduction if isinstance(reduction, str) else list(reduction),
-                "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
+                "pool_size": t.kernel_size, "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
                 "direction_batch": net.direction_batch}
     return net, settings
 

@@ -188,7 +188,8 @@ class FineTuning(nn.Module):
         """
         shape = (1, -1, 1, 1, 1)
         if torch.is_grad_enabled():
-            z = self._pool(x) * self.scale.view(shape) + self.shift.view(shape)
+            pooled = x if self.kernel_size == 1 else self._pool(x)  # a window of one voxel: no copy to keep
+            z = pooled * self.scale.view(shape) + self.shift.view(shape)
             return torch.sigmoid(self._add_intensity(z, image, False))
         # inference: one volume-sized buffer instead of three, or none at all
         pooled = self._pool_inplace(x) if inplace else self._pool(x)
@@ -245,6 +246,8 @@ class FineTuning(nn.Module):
         a few slabs of about ``slab_elements``, not a second volume.
         """
         k = self.kernel_size
+        if k == 1:
+            return x
         r = k // 2
         h = x.shape[2]
         if h <= k:
@@ -265,4 +268,5 @@ class FineTuning(nn.Module):
         return x
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        return box_mean(x, self.kernel_size)
+        """The pooled volume, a new tensor (``x`` itself is not changed)."""
+        return x.clone() if self.kernel_size == 1 else box_mean(x, self.kernel_size)

@@ -17,6 +17,7 @@ from scripts import benchmark_accuracy, fused
 from scripts.benchmark import BENCHMARKS, run, run_child
 from scripts.benchmark_report import (
     _b4_errors_section,
+    _network_25d,
     limits_section,
     check_targets,
     fmt,
@@ -168,6 +169,27 @@ def test_limits_section_b4_follows_the_network(network, ray_sum_advice, image_te
     assert ("image term" in text) == (image_term is not None)
     if image_term is not None:
         assert image_term in text
+
+
+@pytest.mark.parametrize(
+    "network, words",
+    [
+        ({"num_directions": 8, "reduction": "max"}, "p = 8, projections max)"),
+        ({"num_directions": 16, "reduction": ["max", "sum"], "pool_size": 3}, "max + sum, `T`: 3³ pooling)"),
+        ({"num_directions": 8, "reduction": "max", "pool_size": 1, "intensity_term": True, "contrast_size": 5},
+         "`T`: no pooling, intensity term, local-contrast term (5³))"),
+        ({"num_directions": 8, "reduction": "sum", "intensity_term": True, "contrast_size": 0}, "`T`: intensity term)"),
+    ],
+)
+def test_network_25d_in_words(network, words):
+    assert _network_25d({"network_25d": network}).endswith(words)
+
+
+def test_bundle_network_settings_follow_train_json():
+    net, settings = bundle_unet25d()
+    t = net.fine_tuning
+    assert settings["pool_size"] == t.kernel_size and settings["contrast_size"] == t.contrast_size
+    assert settings["num_directions"] == net.num_directions
 
 
 def _errors(thin: float, thick: float, touching: float, precision: float) -> dict:

@@ -92,6 +92,27 @@ def test_fine_tuning_inplace_pooling_is_the_same(k, spatial):
     assert torch.allclose(t._pool_inplace(x.clone(), slab_elements=64), box_mean(x, k), atol=1e-12)
 
 
+@parameterized.expand([["train", False], ["eval", False], ["eval", True]])
+def test_fine_tuning_without_pooling(mode, inplace):
+    """``kernel_size=1``: sigmoid(scale x + shift) in training and at inference; only ``inplace`` overwrites ``x``."""
+    t = FineTuning(2, kernel_size=1).double()
+    with torch.no_grad():
+        t.scale.copy_(torch.tensor([2.0, -0.5]))
+        t.shift.copy_(torch.tensor([0.25, 1.0]))
+    x = torch.randn(1, 2, 5, 4, 3, dtype=torch.float64, requires_grad=mode == "train")
+    before = x.detach().clone()
+    expected = torch.sigmoid(before * t.scale.detach().view(1, -1, 1, 1, 1) + t.shift.detach().view(1, -1, 1, 1, 1))
+    with torch.set_grad_enabled(mode == "train"):
+        y = t(x, inplace=inplace)
+    assert torch.allclose(y.detach(), expected, atol=1e-12)
+    assert (y.data_ptr() == x.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(x.detach(), before)
+    if mode == "train":
+        y.sum().backward()
+        assert x.grad is not None and t.scale.grad is not None
+
+
 def test_fine_tuning_bad_kernel():
     with pytest.raises(ValueError):
         FineTuning(1, kernel_size=2)
