@@ -39,6 +39,7 @@ import monai
 import torch
 
 from scripts import fused
+from scripts.benchmark_operators import LOOP_SECONDS
 from scripts.benchmark_speed import bundle_unet25d
 from scripts.benchmark_report import check_targets, markdown_table, plot_all, render, size_str, speed_ratios
 from scripts.synthetic import write_dataset
@@ -308,7 +309,7 @@ def run(
                 if "seconds" in r:
                     r["ratios"] = {k: t / r["seconds"]["floor"] for k, t in r["seconds"].items()}
                 rows.append({"size": list(size), **r})
-            results["B3"] = {"p": s["num_directions"], "rows": rows}
+            results["B3"] = {"p": s["num_directions"], "loop_seconds": LOOP_SECONDS, "rows": rows}
         if benches & {"B4", "B5"}:
             results.update(_accuracy(s, benches, threads, work, seed, step))
     finally:

@@ -37,6 +37,7 @@ from monai.transforms import Invertd, LoadImage, ScaleIntensityRangePercentiles
 from monai.utils import set_determinism
 from tqdm import tqdm
 
+from scripts.benchmark_report import ERROR_COLUMNS
 from scripts.benchmark_speed import MemoryProbe
 from scripts.data import load_datalist
 from scripts.frangi import FrangiSegmenter, fit
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("unet25d", "unet3d", "slicestack")
-ERROR_KEYS = ("precision", "recall", "thin_recall", "thick_recall", "fp_touching")  # scripts.metrics.error_breakdown
+ERROR_KEYS = tuple(ERROR_COLUMNS)  # scripts.metrics.error_breakdown
 TEST_KEYS = ("dice", "cldice", "hd95") + ERROR_KEYS
 LEVELS = {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2}
 TINY_LEVELS = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}

@@ -37,7 +37,10 @@ __all__ = ["measure", "main"]
 logger = logging.getLogger(__name__)
 
 
-def _median_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.05) -> float:
+LOOP_SECONDS = 0.05  # each timed run of a shorter call repeats it until it lasts about this long
+
+
+def _median_time(fn: Callable[[], object], repeats: int, min_seconds: float = LOOP_SECONDS) -> float:
     """Median seconds per call of ``fn`` over ``repeats`` timed runs, after one warm-up call.
 
     Each timed run calls ``fn`` often enough to last about ``min_seconds`` (once, for calls that

@@ -23,6 +23,10 @@ __all__ = [
     "render",
 ]
 
+# the keys of scripts.metrics.error_breakdown that B4 keeps per model, and their column titles
+ERROR_COLUMNS = {"precision": "precision", "recall": "recall", "thin_recall": "recall, thin vessels",
+                 "thick_recall": "recall, thicker vessels", "fp_touching": "false positives touching a vessel"}
+
 LABELS = {"unet25d": "random 2.5D U-Net", "unet3d": "3D U-Net", "slicestack": "slice-stack 2.5D", "frangi": "Frangi"}
 COLOURS = {"unet25d": "tab:blue", "unet3d": "tab:orange", "slicestack": "tab:green", "frangi": "tab:gray"}
 
@@ -284,14 +288,21 @@ def _b4_errors_section(b4: dict) -> str:
         entries.append(("Frangi", f["test"]))
     if not entries:
         return ""
-    rows = [[name] + [fmt(t.get(k), ".3f") for k in ("precision", "recall", "thin_recall", "thick_recall",
-                                                      "fp_touching")] for name, t in entries]
-    header = ["model", "precision", "recall", "recall, thin vessels", "recall, thicker vessels",
-              "false positives touching a vessel"]
+    rows = [[name] + [fmt(t.get(k), ".3f") for k in ERROR_COLUMNS] for name, t in entries]
+    header = ["model", *ERROR_COLUMNS.values()]
     return (markdown_table(header, rows) + "\n\nMeans over the test cases, in voxels of each case's own grid "
             "(`scripts.metrics.error_breakdown`): *thin* vessels are at most about 2 voxels across (largest "
             "inside distance within 2 voxels at most 1); *touching*: the share of false-positive voxels with a "
             "true voxel among their 26 neighbours (boundary errors rather than detections astray).")
+
+
+def _b3_timing(b3: dict) -> str:
+    """How B3's timed runs were made (nothing said for results from before ``loop_seconds`` was recorded)."""
+    loop = b3.get("loop_seconds")
+    if loop is None:
+        return "."
+    return (f"; each timed run repeats a call that takes under {1000 * loop:g} ms until it lasts about that long "
+            "and counts the time per call, as `timeit` does.")
 
 
 def _load(values: Sequence[float] | None) -> str:
@@ -481,9 +492,9 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
     if "B3" in results:
         lines += ["## B3 operators against the memory floor", "",
                   f"`scripts.benchmark_operators.measure` with p = {results['B3']['p']}: median time of each operator "
-                  "over the floor (p passes of `torch.amax` over one axis of a same-size volume); each timed run "
-                  "repeats a call that takes under 50 ms until it lasts about that long and counts the time per "
-                  "call, as `timeit` does.", "",
+                  "over the floor (p passes of `torch.amax` over one axis of a same-size volume)"
+                  + _b3_timing(results["B3"]),
+                  "",
                   _b3_section(results["B3"]), ""]
         if "B3" in images:
             lines += [f"![B3 operators](images/{images['B3']})", ""]

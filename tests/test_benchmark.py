@@ -28,6 +28,7 @@ from scripts.benchmark_report import (
     speed_ratios,
     target_status,
 )
+from scripts.benchmark_operators import LOOP_SECONDS
 from scripts.benchmark_speed import MemoryProbe, bundle_unet25d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,6 +274,7 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
         assert all("error" not in r and r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in results[bench]["rows"])
         assert results[bench]["ratios"][0]["time_3d_over_25d"] > 0
     assert results["B3"]["rows"][0]["ratios"]["floor"] == 1.0
+    assert results["B3"]["loop_seconds"] == LOOP_SECONDS
     assert set(results["B4"]["models"]) == {"unet25d", "unet3d", "slicestack"}
     for r in results["B4"]["models"].values():
         assert "error" not in r and r["steps"] >= 1 and 0 <= r["test"]["dice"] <= 1 and r["curve"]
@@ -288,6 +290,7 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     page = (out / "benchmarks.md").read_text()
     assert ("fused C++ kernels" if results["fused_kernels"] else "could not be built") in page
     assert "**Quick run**" in page and "--quick" in page
+    assert f"under {1000 * LOOP_SECONDS:g} ms until it lasts" in page
     plots = ("benchmark_speed.png", "benchmark_operators.png", "benchmark_accuracy.png", "benchmark_directions.png")
     for name in plots:
         assert (out / "images" / name).stat().st_size > 0

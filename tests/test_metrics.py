@@ -209,6 +209,13 @@ def test_error_breakdown_empty_and_mismatched():
         error_breakdown(y, y[:-1])
 
 
+def test_error_breakdown_keys_are_the_benchmark_columns():
+    """B4 keeps and tabulates every key of the breakdown (scripts.benchmark_report.ERROR_COLUMNS)."""
+    from scripts.benchmark_report import ERROR_COLUMNS
+
+    assert set(error_breakdown(_thin_and_thick(), _thin_and_thick())) == set(ERROR_COLUMNS)
+
+
 def test_voxel_spacing_from_affine():
     rotation = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     affine = torch.eye(4, dtype=torch.float64)
