@@ -17,71 +17,101 @@
 
 namespace {
 
-// torch.lerp's formula (aten/src/ATen/native/Lerp.h): exact at both ends of the weight range
-template <typename scalar_t>
-inline scalar_t lerp(scalar_t a, scalar_t b, scalar_t w) {
-  return std::abs(w) < scalar_t(0.5) ? a + w * (b - a) : b - (b - a) * (scalar_t(1) - w);
-}
+// The kernels' loops are compiled twice, for AVX2 and for the baseline x86-64 instruction set
+// (GCC picks one when the module loads); elsewhere they are compiled once, as they are.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define UNET25D_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define UNET25D_CLONES
+#endif
 
 void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// acc[z] = op(acc[z], lerp(a[z], b[z], w)) for z < e, with torch.lerp's formula
+// (aten/src/ATen/native/Lerp.h: exact at both ends of the weight range); the branch on w is
+// taken once per row of e values, so the loop over z vectorises
+template <typename scalar_t, typename Op>
+inline void lerp_into(scalar_t* acc, const scalar_t* a, const scalar_t* b, scalar_t w, int64_t e, Op op) {
+  if (std::abs(w) < scalar_t(0.5)) {
+    for (int64_t z = 0; z < e; ++z) acc[z] = op(acc[z], a[z] + w * (b[z] - a[z]));
+  } else {
+    const scalar_t v = scalar_t(1) - w;
+    for (int64_t z = 0; z < e; ++z) acc[z] = op(acc[z], b[z] - (b[z] - a[z]) * v);
+  }
+}
+
+// bins [begin, end) of one direction's projection: each walks all rows (neighbouring bins of a
+// row read neighbouring voxels), its accumulators stay in cache
+template <typename scalar_t, typename index_t>
+UNET25D_CLONES void project_bins(const scalar_t* plane, const index_t* first, int64_t offset,
+                                 const scalar_t* weight, const bool* inside, const scalar_t* fill, scalar_t* out,
+                                 int64_t rows, int64_t bins, int64_t e, int64_t reduction, scalar_t step,
+                                 int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) {
+    std::copy(fill, fill + e, out + j * e);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t s = r * bins + j;
+      if (!inside[s]) continue;
+      const scalar_t* a = plane + static_cast<int64_t>(first[s]) * e;
+      const scalar_t* b = a + offset * e;
+      scalar_t* acc = out + j * e;
+      if (reduction == 0) {
+        lerp_into(acc, a, b, weight[s], e, [](scalar_t x, scalar_t y) { return std::max(x, y); });
+      } else if (reduction == 1) {
+        lerp_into(acc, a, b, weight[s], e, [](scalar_t x, scalar_t y) { return x + y; });
+      } else {
+        lerp_into(acc, a, b, weight[s], e, [](scalar_t x, scalar_t y) { return std::min(x, y); });
+      }
+    }
+  }
+  if (reduction == 1) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t z = 0; z < e; ++z) out[j * e + z] *= step;
+    }
+  }
+}
+
+// voxels [begin, end) of the backprojection: the average over the directions of each one's
+// interpolated detector row
+template <typename scalar_t, typename index_t>
+UNET25D_CLONES void backproject_voxels(const scalar_t* detector, const index_t* index, const scalar_t* weight,
+                                       scalar_t* out, int64_t directions, int64_t bins, int64_t voxels, int64_t e,
+                                       int64_t begin, int64_t end) {
+  const scalar_t scale = scalar_t(1) / static_cast<scalar_t>(directions);
+  for (int64_t v = begin; v < end; ++v) {
+    scalar_t* acc = out + v * e;
+    for (int64_t j = 0; j < directions; ++j) {
+      const scalar_t* lo = detector + (j * bins + static_cast<int64_t>(index[j * voxels + v])) * e;
+      const scalar_t w = weight[j * voxels + v];
+      if (j == 0) {
+        lerp_into(acc, lo, lo + e, w, e, [](scalar_t, scalar_t y) { return y; });
+      } else {
+        lerp_into(acc, lo, lo + e, w, e, [](scalar_t x, scalar_t y) { return x + y; });
+      }
+    }
+    for (int64_t z = 0; z < e; ++z) acc[z] *= scale;
+  }
+}
+
 template <typename scalar_t, typename index_t>
 void project_kernel(const scalar_t* plane, const index_t* first, int64_t offset, const scalar_t* weight,
                     const bool* inside, const scalar_t* fill, scalar_t* out, int64_t rows, int64_t bins, int64_t e,
                     int64_t reduction, scalar_t step) {
-  // bins are split between threads; each thread walks all rows over its bins (neighbouring
-  // bins of a row read neighbouring voxels), its accumulators stay in cache
   at::parallel_for(0, bins, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      std::copy(fill, fill + e, out + j * e);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = begin; j < end; ++j) {
-        const int64_t s = r * bins + j;
-        if (!inside[s]) continue;
-        const scalar_t* a = plane + static_cast<int64_t>(first[s]) * e;
-        const scalar_t* b = a + offset * e;
-        const scalar_t w = weight[s];
-        scalar_t* acc = out + j * e;
-        if (reduction == 0) {
-          for (int64_t z = 0; z < e; ++z) acc[z] = std::max(acc[z], lerp(a[z], b[z], w));
-        } else if (reduction == 1) {
-          for (int64_t z = 0; z < e; ++z) acc[z] += lerp(a[z], b[z], w);
-        } else {
-          for (int64_t z = 0; z < e; ++z) acc[z] = std::min(acc[z], lerp(a[z], b[z], w));
-        }
-      }
-    }
-    if (reduction == 1) {
-      for (int64_t j = begin; j < end; ++j) {
-        for (int64_t z = 0; z < e; ++z) out[j * e + z] *= step;
-      }
-    }
+    project_bins(plane, first, offset, weight, inside, fill, out, rows, bins, e, reduction, step, begin, end);
   });
 }
 
 template <typename scalar_t, typename index_t>
 void backproject_kernel(const scalar_t* detector, const index_t* index, const scalar_t* weight, scalar_t* out,
                         int64_t directions, int64_t bins, int64_t voxels, int64_t e) {
-  const scalar_t scale = scalar_t(1) / static_cast<scalar_t>(directions);
   at::parallel_for(0, voxels, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) {
-      scalar_t* acc = out + v * e;
-      for (int64_t j = 0; j < directions; ++j) {
-        const scalar_t* lo = detector + (j * bins + static_cast<int64_t>(index[j * voxels + v])) * e;
-        const scalar_t* hi = lo + e;
-        const scalar_t w = weight[j * voxels + v];
-        if (j == 0) {
-          for (int64_t z = 0; z < e; ++z) acc[z] = lerp(lo[z], hi[z], w);
-        } else {
-          for (int64_t z = 0; z < e; ++z) acc[z] += lerp(lo[z], hi[z], w);
-        }
-      }
-      for (int64_t z = 0; z < e; ++z) acc[z] *= scale;
-    }
+    backproject_voxels(detector, index, weight, out, directions, bins, voxels, e, begin, end);
   });
 }
 
