@@ -380,15 +380,19 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
         text += _error_text(models)
         lines.append(text)
     if any(b in ("B1", "B2") and "memory" in t for b, t in missed):
+        pooled = "" if _network_value(results, "pool_size", 3) == 1 else "`T`'s pooled volume, "
+        contrast = ("; with the local-contrast term it adds the image's local mean slab by slab, whose box sums "
+                    "make a few slabs of temporaries" if _network_value(results, "contrast_size", 0) else "")
         lines.append(
             "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (`R` writes it, `T` "
-            "overwrites it in place), the sampling tables of `M` and `R` (int32, cached per shape), `U`'s feature "
+            f"overwrites it in place{contrast}), the sampling tables of `M` and `R` (int32, cached per shape), "
+            "`U`'s feature "
             "maps for `direction_batch` projections at once (1 in the bundle's configs), and the heap blocks that "
             "glibc keeps after those feature maps are freed (its mmap threshold rises with the blocks freed, so a "
             "later volume-sized allocation can come on top of them, and the figure varies from run to run for that "
             "reason). The 3D U-Net's sliding window bounds its own peak to one window's feature maps and the "
-            "output. In a training step the crop-sized 3D tensors of both paths (the two outputs, `T`'s pooled "
-            "volume, the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
+            "output. In a training step the crop-sized 3D tensors of both paths (the two outputs, "
+            f"{pooled}the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
             "for the q projections of path 1, so fewer directions do not shrink it in proportion; and the "
             "process's peak RSS is about twice the peak of its live tensors (torch.profiler's memory timeline of "
             "one step), the rest being freed blocks glibc keeps. A fixed mmap threshold returns them "
@@ -404,11 +408,18 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             "is left to trade is the 2D U-Net itself (fewer residual units per level, fewer channels) or q, each "
             "against accuracy ([ablation.md](ablation.md) has q = 2 below q = 4).")
     if "B3" in kinds:
-        lines.append(
-            "- **Operators (B3).** `M` samples a square detector around the plane's diagonal circle, so about half "
-            "of its samples fall outside the volume and are read and discarded; skipping them per ray, or a fused "
-            "kernel (`torch.compile`, a C++ extension), is the next step. At the smallest size the floor takes "
-            "under a millisecond, and fixed per-call costs dominate the ratio.")
+        if results.get("fused_kernels"):
+            lines.append(
+                "- **Operators (B3).** `M` and `R` ran as fused C++ kernels (one pass over each direction's "
+                "samples, no interpolated copy; loops compiled for AVX2 where the CPU has it). At the smallest "
+                "size the floor takes under a millisecond, so fixed per-call costs (waking the thread pool, "
+                "reading the sampling tables) weigh on the ratio, and it moves by a third from run to run; the "
+                "larger sizes, where the memory traffic dominates, show the kernels' steady cost.")
+        else:
+            lines.append(
+                "- **Operators (B3).** The fused C++ kernels could not be built here, so `M` and `R` ran the "
+                "pure-PyTorch path, which materialises the interpolated samples of every direction; a C++ "
+                "compiler (and ninja) lets `scripts/fused.py` build the kernels at first use.")
     return lines + [""]
 
 
@@ -433,7 +444,8 @@ def _network_25d(results: dict) -> str:
         return "`UNet25D()` defaults (p = 16, MIP)"
     n = results["network_25d"]
     reduction = n["reduction"] if isinstance(n["reduction"], str) else " + ".join(n["reduction"])
-    parts = [] if n.get("pool_size") is None else ["no pooling" if n["pool_size"] == 1 else f"{n['pool_size']}³ pooling"]
+    pool = n.get("pool_size")
+    parts = [] if pool is None else ["no pooling" if pool == 1 else f"{pool}³ pooling"]
     if n.get("intensity_term"):
         parts.append("intensity term")
         if n.get("contrast_size"):

@@ -150,6 +150,23 @@ def test_limits_section_names_only_missed_targets():
     assert "0.640" in text and "0.850" in text and "0.700" in text
 
 
+@pytest.mark.parametrize("pool_size, pooled", [(3, True), (1, False), (None, True)])
+def test_limits_section_memory_names_t_pooled_volume_only_with_pooling(pool_size, pooled):
+    network = {} if pool_size is None else {"pool_size": pool_size}  # None: results from before it was recorded
+    missed = {("B1", "2.5D inference memory ≤ 1/3 of 3D U-Net's"): "not met"}
+    results = {"network_25d": network, "targets": _targets(missed)}
+    text = "\n".join(limits_section(results))
+    assert "Memory (B1, B2)" in text and ("`T`'s pooled volume" in text) == pooled
+
+
+@pytest.mark.parametrize("fused_kernels, words", [(True, "ran as fused C++ kernels"), (False, "could not be built")])
+def test_limits_section_operators_follow_the_kernels(fused_kernels, words):
+    missed = {("B3", "M (max) ≤ 4× the memory floor"): "not met"}
+    results = {"fused_kernels": fused_kernels, "targets": _targets(missed)}
+    text = "\n".join(limits_section(results))
+    assert "Operators (B3)" in text and words in text
+
+
 @pytest.mark.parametrize(
     "network, ray_sum_advice, image_term",
     [
