@@ -69,7 +69,18 @@ def test_box_mean_is_torch_pooling(k, spatial):
     assert torch.allclose(grad_ours, grad_theirs, atol=1e-12)
 
 
-@parameterized.expand([[3, (1, 1, 1)], [3, (2, 5, 1)], [5, (3, 1, 4)]])
+@parameterized.expand([[1], [3], [5]])
+def test_box_mean_leaves_its_input(k):
+    """A new tensor every time, the input unchanged (the sums accumulate in place in their own buffer)."""
+    x = torch.randn(1, 2, 6, 5, 4, dtype=torch.float64)
+    before = x.clone()
+    y = box_mean(x, k)
+    assert torch.equal(x, before) and y.data_ptr() != x.data_ptr()
+    if k == 1:
+        assert torch.equal(y, x)
+
+
+@parameterized.expand([[3, (1, 1, 1)], [3, (2, 5, 1)], [5, (3, 1, 4)], [1, (2, 3, 4)]])
 def test_box_mean_thin_volumes(k, spatial):
     """Volumes thinner than the window: the mean of the voxels inside each window, by brute force."""
     x = torch.randn(1, 2, *spatial, dtype=torch.float64)
