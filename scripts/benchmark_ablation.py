@@ -208,7 +208,8 @@ def render(result: dict) -> str:
         "",
         _generated(result),
         "",
-        f"Each variant is `configs/train.json` (as of the date of the command that ran it) with the overrides shown, trained for {result['steps']} two-path "
+        "Each variant is `configs/train.json` (as of the date of the command that ran it) with the overrides "
+        f"shown, trained for {result['steps']} two-path "
         "steps (batch 1, 64³ crops, Adam at the config's learning rate) on the benchmark's synthetic training "
         "split, and validated on its validation split (whole volumes, Dice on each case's own grid). The seed "
         "sets the initial weights, the case order, the crops and the random subsets of directions. Few "
