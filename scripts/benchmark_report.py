@@ -386,9 +386,9 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
         lines.append(
             "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (`R` writes it, `T` "
             f"overwrites it in place{contrast}), the sampling tables of `M` and `R` (int32, cached per shape), "
-            "`U`'s feature "
-            "maps for `direction_batch` projections at once (1 in the bundle's configs), and the heap blocks that "
-            "glibc keeps after those feature maps are freed (its mmap threshold rises with the blocks freed, so a "
+            "`U`'s feature maps for `direction_batch` projections at once (1 in the bundle's configs), and the "
+            "heap blocks that glibc keeps after those feature maps are freed (its mmap threshold rises with the "
+            "blocks freed, so a "
             "later volume-sized allocation can come on top of them, and the figure varies from run to run for that "
             "reason). The 3D U-Net's sliding window bounds its own peak to one window's feature maps and the "
             "output. In a training step the crop-sized 3D tensors of both paths (the two outputs, "
