@@ -59,4 +59,7 @@ class TwoPathDiceLoss(nn.Module):
                 "expected the two-path prediction (B, 2, K, ...) or a plain one (B, K, ...) for a target of shape "
                 f"{list(target.shape)}, got {list(prediction.shape)}."
             )
-        return self.dice(prediction[:, 1], target), self.dice(prediction[:, 0], target)
+        # one unbind, not two indexings: its backward writes both gradients into one new tensor
+        # where each index's backward would allocate a zero tensor of the whole prediction
+        main, aux = prediction.unbind(1)
+        return self.dice(aux, target), self.dice(main, target)
