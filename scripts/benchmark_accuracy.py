@@ -38,7 +38,7 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from scripts.benchmark_report import ERROR_COLUMNS
-from scripts.benchmark_speed import MemoryProbe
+from scripts.benchmark_speed import MemoryProbe, inference_directions
 from scripts.data import load_datalist
 from scripts.frangi import FrangiSegmenter, fit
 from scripts.metrics import compute_cldice, error_breakdown
@@ -238,6 +238,8 @@ def train_model(
     net.load_state_dict(best_state)
     if checkpoint:
         torch.save(best_state, checkpoint)
+    if isinstance(net, UNet25D):
+        net.num_directions = inference_directions()  # tested as the bundle infers (configs/inference.json)
     test_rows = _evaluate(net, cases["test"], invert, crop, full=True)
     logger.info("B4 %s: %d steps in %.0f s, best validation Dice %.3f", model, steps, elapsed, best_dice)
     return {
@@ -250,6 +252,7 @@ def train_model(
         "num_samples": int(parser.get_parsed_content("num_samples")),
         "curve": curve,
         "best_validation_dice": best_dice,
+        "test_directions": net.num_directions if isinstance(net, UNet25D) else None,
         "test": {k: _mean(test_rows, k) for k in TEST_KEYS},
         "test_per_case": test_rows,
     }

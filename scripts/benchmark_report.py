@@ -71,7 +71,8 @@ def target_status(value: float | None, threshold: float, higher_is_better: bool 
 
 
 def speed_ratios(rows: Sequence[dict]) -> list[dict]:
-    """Per size, 3D U-Net over 2.5D U-Net: time, peak RSS and peak increase over the baseline RSS."""
+    """Per size, 3D U-Net over 2.5D U-Net: time, peak RSS, peak increase over the baseline RSS and live-tensor peak
+    (``None`` where a row lacks the value, e.g. results written before it was measured)."""
     by_size: dict[tuple, dict] = {}
     for row in rows:
         by_size.setdefault(tuple(row["size"]), {})[row["model"]] = row
@@ -83,6 +84,7 @@ def speed_ratios(rows: Sequence[dict]) -> list[dict]:
             "time_3d_over_25d": ratio(a.get("seconds"), b.get("seconds")),
             "peak_3d_over_25d": ratio(a.get("peak_rss_mb"), b.get("peak_rss_mb")),
             "increase_3d_over_25d": ratio(a.get("increase_mb"), b.get("increase_mb")),
+            "live_3d_over_25d": ratio(a.get("live_peak_mb"), b.get("live_peak_mb")),
         })
     return out
 
@@ -226,20 +228,54 @@ def plot_all(results: dict, image_dir: str) -> dict[str, str]:
     return written
 
 
+def _live_text(results: dict) -> str:
+    """What the live-tensor peaks say about the RSS ratios at the targets' sizes ("" if not measured)."""
+    settings = results.get("settings", {})
+    parts = []
+    for bench, size in (("B1", settings.get("target_inference_size")), ("B2", settings.get("target_step_size"))):
+        if size is None:
+            continue
+        rows = {r["model"]: r for r in results.get(bench, {}).get("rows", [])
+                if list(r["size"]) == list(size) and "error" not in r}
+        a, b = rows.get("unet25d", {}), rows.get("unet3d", {})
+        live_a, live_b = a.get("live_peak_mb"), b.get("live_peak_mb")
+        live = ratio(live_b, live_a)
+        if live is None:
+            continue
+        parts.append(f"{bench} at {size_str(size)}: {fmt(live_a, '.0f')} against {fmt(live_b, '.0f')} MiB of "
+                     f"live tensors ({fmt(live, '.1f', '×')}), the peak RSS increase "
+                     f"{fmt(ratio(a.get('increase_mb'), live_a), '.1f', '×')} and "
+                     f"{fmt(ratio(b.get('increase_mb'), live_b), '.1f', '×')} of them")
+    if not parts:
+        return ""
+    return (" The tensors themselves (*live tensors*, torch.profiler) and the RSS tell different stories: "
+            + "; ".join(parts) + ". The difference is glibc's: blocks up to its mmap threshold (at most 32 MiB) "
+            "come from its heap, and freed ones stay there for reuse, so the heap grows to more than the live "
+            "peak where blocks of different sizes come and go; the 2.5D U-Net's tensors are of that size "
+            "(volumes of the crop, `U`'s feature maps), while the 3D U-Net's largest feature maps (16 channels "
+            "of the whole crop or window) are mapped and unmapped whole. A fixed threshold "
+            "(`MALLOC_MMAP_THRESHOLD_=4194304`) returns such blocks, but every large allocation then faults in "
+            "fresh pages and both steps slow down by a third or more, so the benchmark keeps glibc's defaults "
+            "for both models.")
+
+
 def _speed_section(bench: dict, what: str) -> str:
-    ratio_keys = ("time_3d_over_25d", "increase_3d_over_25d", "peak_3d_over_25d")
-    header = ["size", "model", "median s", "peak RSS (MiB)", "increase (MiB)", "process peak (MiB)"]
+    ratio_keys = ("time_3d_over_25d", "increase_3d_over_25d", "live_3d_over_25d", "peak_3d_over_25d")
+    header = ["size", "model", "median s", "peak RSS (MiB)", "increase (MiB)", "live tensors (MiB)",
+              "process peak (MiB)"]
     rows = []
     for r in bench.get("rows", []):
         if "error" in r:
-            rows.append([size_str(r["size"]), LABELS[r["model"]], f"failed: {r['error']}", "–", "–", "–"])
+            rows.append([size_str(r["size"]), LABELS[r["model"]], f"failed: {r['error']}"] + ["–"] * 4)
             continue
         rows.append([size_str(r["size"]), LABELS[r["model"]], fmt(r["seconds"], ".3f"), fmt(r["peak_rss_mb"], ".0f"),
-                     fmt(r["increase_mb"], ".0f"), fmt(r.get("process_peak_rss_mb"), ".0f")])
-    ratio_rows = [[size_str(r["size"])] + [fmt(r[k], ".2f", "×") for k in ratio_keys] for r in bench.get("ratios", [])]
+                     fmt(r["increase_mb"], ".0f"), fmt(r.get("live_peak_mb"), ".0f"),
+                     fmt(r.get("process_peak_rss_mb"), ".0f")])
+    ratio_rows = [[size_str(r["size"])] + [fmt(r.get(k), ".2f", "×") for k in ratio_keys]
+                  for r in bench.get("ratios", [])]
     return (markdown_table(header, rows)
             + f"\n\nRatios, 3D U-Net over 2.5D U-Net ({what}; above 1: 2.5D is better):\n\n"
-            + markdown_table(["size", "time", "memory (increase)", "peak RSS"], ratio_rows))
+            + markdown_table(["size", "time", "memory (increase)", "live tensors", "peak RSS"], ratio_rows))
 
 
 def _b3_section(b3: dict) -> str:
@@ -254,6 +290,12 @@ def _b3_section(b3: dict) -> str:
                     + [fmt(q.get(k), ".3g", "×") for k in ("M_max_pure", "R_pure")])
     return markdown_table(["size", "floor (s)", "M max", "M sum", "R", "R*", "2D U-Net", "M max (pure)", "R (pure)"],
                           rows)
+
+
+def _b4_directions(b4: dict) -> str:
+    """With how many directions the random 2.5D U-Net was tested, where that is recorded."""
+    p = b4.get("models", {}).get("unet25d", {}).get("test_directions")
+    return "" if p is None else f" (the random 2.5D U-Net with the p = {p} of `configs/inference.json`)"
 
 
 def _b4_section(b4: dict) -> str:
@@ -393,12 +435,8 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             "reason). The 3D U-Net's sliding window bounds its own peak to one window's feature maps and the "
             "output. In a training step the crop-sized 3D tensors of both paths (the two outputs, "
             f"{pooled}the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
-            "for the q projections of path 1, so fewer directions do not shrink it in proportion; and the "
-            "process's peak RSS is about twice the peak of its live tensors (torch.profiler's memory timeline of "
-            "one step), the rest being freed blocks glibc keeps. A fixed mmap threshold returns them "
-            "(`MALLOC_MMAP_THRESHOLD_=1048576 python -m scripts.benchmark --only B2` lowers both models' peaks "
-            "and raises the ratio), but every large allocation then faults in fresh pages and both steps slow "
-            "down by half or more, so the benchmark keeps glibc's defaults for both models.")
+            "for the q projections of path 1, so fewer directions do not shrink it in proportion."
+            + _live_text(results))
     if any(b == "B2" and "faster" in t for b, t in missed):
         p, q = _network_value(results, "num_directions", 16), _network_value(results, "num_subset", 4)
         lines.append(
@@ -452,8 +490,10 @@ def _network_25d(results: dict) -> str:
             parts.append(f"local-contrast term ({n['contrast_size']}³)")
     terms = f", `T`: {', '.join(parts)}" if parts else ""
     batch = f", direction_batch {n['direction_batch']}" if "direction_batch" in n else ""
-    p = n["num_directions"]
-    return f"the bundle's network (`configs/train.json`: p = {p}, projections {reduction}{terms}{batch})"
+    p, p_inference = n["num_directions"], n.get("inference_directions")
+    directions = (f"p = {p}" if p_inference in (None, p)
+                  else f"p = {p} in training and {p_inference} at inference (`configs/inference.json`)")
+    return f"the bundle's network (`configs/train.json`: {directions}, projections {reduction}{terms}{batch})"
 
 
 def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -> str:
@@ -474,8 +514,10 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
         "Every measurement runs in a fresh process (`python -m scripts.benchmark measure ...`), so its peak "
         "resident memory is its own. *Peak RSS* is the process's high-water mark during the measured work "
         "(reset with `/proc/self/clear_refs` once imports, model and data exist); *increase* is that peak "
-        "minus the RSS at the reset, the memory the work itself needed; *process peak* is the whole child's "
-        "`ru_maxrss`. Times are medians of "
+        "minus the RSS at the reset, the memory the work itself needed; *live tensors* is the peak of the "
+        "tensors' own bytes during one more call under torch.profiler, over those that existed before it "
+        "(`scripts.benchmark_speed.live_tensor_peak`; what the C allocator keeps of freed blocks is not in it); "
+        "*process peak* is the whole child's `ru_maxrss`. Times are medians of "
         f"{s['repeats']} run(s) after one warm-up, timed once the child's torch thread pool answers promptly "
         "(`settle_s` in the JSON: on a loaded machine a fresh process's worker threads lag for seconds). "
         "Inputs of B1-B3 are random tensors; weights are untrained." + _kernels_note(results),
@@ -523,7 +565,7 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
                   f"validation, {d.get('test')} test. Preprocessing from `configs/train.json`, the same random "
                   f"crops of {s['crop']} for every model (a baseline config's own `roi_size` is replaced); "
                   "metrics on each case's own grid after `Invertd`. 2.5D models infer the whole "
-                  f"volume; the 3D U-Net uses sliding windows of the crop size, overlap 0.25. Frangi: "
+                  f"volume{_b4_directions(b4)}; the 3D U-Net uses sliding windows of the crop size, overlap 0.25. Frangi: "
                   "`scripts.frangi.fit` on the training split.", "", _b4_section(b4), ""]
         errors = _b4_errors_section(b4)
         if errors:

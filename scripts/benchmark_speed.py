@@ -4,7 +4,9 @@ Each function here runs inside a fresh child process started by :mod:`scripts.be
 its peak resident set size (RSS) belongs to this measurement alone. :class:`MemoryProbe` resets
 the kernel's high-water mark (``VmHWM``) once the model and the data exist, so the peak it
 reports covers the warm-up and the timed repeats and nothing before them; the increase over the
-RSS at that moment is the memory the measured work itself needed.
+RSS at that moment is the memory the measured work itself needed. After the timed calls, one
+more call runs under torch.profiler (:func:`live_tensor_peak`): the peak of the tensors
+themselves, which the RSS exceeds by the freed blocks the C allocator keeps.
 
 - B1 :func:`inference`: one whole-volume pass of ``UNet25D`` (eval, no grad) or MONAI's 3D
   ``UNet`` under ``SlidingWindowInferer``.
@@ -34,8 +36,8 @@ from scripts.losses import TwoPathDiceLoss
 from scripts.net import UNet25D
 from scripts.training import train_step as two_path_step
 
-__all__ = ["MemoryProbe", "settle_threads", "time_repeats", "unet3d", "bundle_unet25d", "inference", "train_step",
-           "operators"]
+__all__ = ["MemoryProbe", "settle_threads", "time_repeats", "live_tensor_peak", "unet3d", "bundle_unet25d",
+           "inference_directions", "inference", "train_step", "operators"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +122,8 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
 
     Returns:
         the network and ``{"num_directions", "num_subset", "reduction", "pool_size", "intensity_term",
-        "contrast_size", "direction_batch"}`` (p, q, the projections, T's pooling window and image terms,
-        projections per U call without a gradient).
+        "contrast_size", "direction_batch", "inference_directions"}`` (p, q, the projections, T's pooling window
+        and image terms, projections per U call without a gradient, and the p of ``configs/inference.json``).
     """
     from monai.bundle import ConfigParser
 
@@ -133,19 +135,51 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     settings = {"num_directions": net.num_directions, "num_subset": int(parser.get_parsed_content("num_subset")),
                 "reduction": reduction if isinstance(reduction, str) else list(reduction),
                 "pool_size": t.kernel_size, "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
-                "direction_batch": net.direction_batch}
+                "direction_batch": net.direction_batch, "inference_directions": inference_directions()}
     return net, settings
 
 
-def _summary(times: list[float], probe: MemoryProbe, settle_s: float) -> dict:
-    return {"seconds": statistics.median(times), "times": times, "settle_s": settle_s, **probe.read()}
+def inference_directions() -> int:
+    """p of ``configs/inference.json``, the directions the bundle infers with (the filter is shared, so a model
+    trained with another p runs with it)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
+    return int(parser.get_parsed_content("num_directions"))
+
+
+def live_tensor_peak(fn: Callable[[], object]) -> float:
+    """Peak MiB of tensor memory that one call of ``fn`` holds at once, over what existed before the call.
+
+    From torch.profiler's CPU memory events (``profile_memory=True``), summed in the order the
+    operators started: the tensors' own bytes, whatever the C allocator keeps of freed blocks
+    (which the peak RSS includes). Operator granularity: a temporary an operator frees before it
+    returns is not seen, so this is a lower bound of the true peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _summary(times: list[float], probe: MemoryProbe, settle_s: float, run: Callable[[], object]) -> dict:
+    """Time and RSS of the timed calls; then, outside them, the live-tensor peak of one more call of ``run``."""
+    summary = {"seconds": statistics.median(times), "times": times, "settle_s": settle_s, **probe.read()}
+    return {**summary, "live_peak_mb": live_tensor_peak(run)}
 
 
 def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[int], overlap: float = 0.25) -> dict:
     """B1: whole-volume inference of ``model`` (``"unet25d"`` or ``"unet3d"``) on ``(1, 1, *size)``.
 
     Args:
-        model: ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`), one pass over the whole volume;
+        model: ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`) with the p of ``configs/inference.json``,
+            one pass over the whole volume;
             ``"unet3d"``: the 3D U-Net under ``SlidingWindowInferer(roi_size, overlap)``.
         size: ``(H, W, D)``.
         repeats: timed passes after one warm-up.
@@ -154,7 +188,8 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     """
     x = torch.rand(1, 1, *size)
     if model == "unet25d":
-        net = bundle_unet25d()[0].eval()
+        net, settings = bundle_unet25d()
+        net.eval().num_directions = settings["inference_directions"]
         run = lambda: net(x)  # noqa: E731
     elif model == "unet3d":
         net = unet3d().eval()
@@ -167,7 +202,7 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     probe = MemoryProbe()
     with torch.no_grad():
         times = time_repeats(run, repeats)
-    return _summary(times, probe, settle_s)
+        return _summary(times, probe, settle_s, run)
 
 
 def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | None = None, lr: float = 1e-3) -> dict:
@@ -204,7 +239,7 @@ def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | 
     settle_s = settle_threads()
     probe = MemoryProbe()
     times = time_repeats(run, repeats)
-    return _summary(times, probe, settle_s)
+    return _summary(times, probe, settle_s, run)
 
 
 def operators(size: Sequence[int], num_directions: int, repeats: int) -> dict:

@@ -29,7 +29,7 @@ from scripts.benchmark_report import (
     target_status,
 )
 from scripts.benchmark_operators import LOOP_SECONDS
-from scripts.benchmark_speed import MemoryProbe, bundle_unet25d
+from scripts.benchmark_speed import MemoryProbe, bundle_unet25d, live_tensor_peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,17 +62,48 @@ def test_target_status(value, threshold, higher, expected):
     assert target_status(value, threshold, higher) == expected
 
 
-def _speed_rows(size, t25, t3, inc25, inc3):
-    return [{"model": "unet25d", "size": size, "seconds": t25, "peak_rss_mb": 500.0 + inc25, "increase_mb": inc25},
-            {"model": "unet3d", "size": size, "seconds": t3, "peak_rss_mb": 500.0 + inc3, "increase_mb": inc3}]
+def _speed_rows(size, t25, t3, inc25, inc3, live25=None, live3=None):
+    return [{"model": "unet25d", "size": size, "seconds": t25, "peak_rss_mb": 500.0 + inc25, "increase_mb": inc25,
+             "live_peak_mb": live25},
+            {"model": "unet3d", "size": size, "seconds": t3, "peak_rss_mb": 500.0 + inc3, "increase_mb": inc3,
+             "live_peak_mb": live3}]
 
 
-def test_speed_ratios_are_3d_over_25d():
-    (row,) = speed_ratios(_speed_rows([8, 8, 4], 1.0, 6.0, 100.0, 400.0))
+@pytest.mark.parametrize("live25, live3, live_ratio", [(50.0, 300.0, 6.0), (None, 300.0, None), (0.0, 1.0, None)])
+def test_speed_ratios_are_3d_over_25d(live25, live3, live_ratio):
+    (row,) = speed_ratios(_speed_rows([8, 8, 4], 1.0, 6.0, 100.0, 400.0, live25, live3))
     assert row["size"] == [8, 8, 4]
     assert row["time_3d_over_25d"] == pytest.approx(6.0)
     assert row["increase_3d_over_25d"] == pytest.approx(4.0)
     assert row["peak_3d_over_25d"] == pytest.approx(900.0 / 600.0)
+    assert row["live_3d_over_25d"] == (None if live_ratio is None else pytest.approx(live_ratio))
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_limits_section_memory_gives_live_tensor_peaks_when_measured(live):
+    b2 = _speed_rows([16, 16, 16], 1.0, 6.0, 120.0, 360.0, 40.0 if live else None, 300.0 if live else None)
+    missed = {("B1", "2.5D inference memory ≤ 1/3 of 3D U-Net's"): "not met"}
+    results = {"settings": {"target_inference_size": [32, 32, 16], "target_step_size": [16, 16, 16]},
+               "B2": {"rows": b2}, "targets": _targets(missed)}
+    text = "\n".join(limits_section(results))
+    assert ("B2 at 16×16×16: 40 against 300 MiB of live tensors (7.5×), the peak RSS increase 3.0× and 1.2× of them"
+            in text) == live
+    assert "B1 at" not in text  # no B1 rows: nothing said about them
+
+
+@pytest.mark.parametrize("mib", [1, 4, 16])
+def test_live_tensor_peak_counts_tensors_held_at_once(mib):
+    keep = torch.ones(2**20)  # made before the call: not counted
+
+    def work():
+        a = torch.ones(mib * 2**18)  # mib MiB of float32
+        b = a + keep.sum()  # a second block while the first is alive
+        del a
+        c = b * 2  # the first block is gone: still two at once
+        return float(c[0])
+
+    peak = live_tensor_peak(work)
+    assert 2 * mib <= peak < 2 * mib + 0.5
 
 
 def test_targets_met_and_not_met():
@@ -197,17 +228,22 @@ def test_limits_section_b4_follows_the_network(network, ray_sum_advice, image_te
         ({"num_directions": 8, "reduction": "max", "pool_size": 1, "intensity_term": True, "contrast_size": 5},
          "`T`: no pooling, intensity term, local-contrast term (5³))"),
         ({"num_directions": 8, "reduction": "sum", "intensity_term": True, "contrast_size": 0}, "`T`: intensity term)"),
+        ({"num_directions": 8, "inference_directions": 16, "reduction": "max"},
+         "p = 8 in training and 16 at inference (`configs/inference.json`), projections max)"),
+        ({"num_directions": 8, "inference_directions": 8, "reduction": "max"}, "(`configs/train.json`: p = 8, projections max)"),
     ],
 )
 def test_network_25d_in_words(network, words):
     assert _network_25d({"network_25d": network}).endswith(words)
 
 
-def test_bundle_network_settings_follow_train_json():
+def test_bundle_network_settings_follow_the_configs():
     net, settings = bundle_unet25d()
     t = net.fine_tuning
     assert settings["pool_size"] == t.kernel_size and settings["contrast_size"] == t.contrast_size
     assert settings["num_directions"] == net.num_directions
+    with open(os.path.join(ROOT, "configs", "inference.json")) as f:
+        assert settings["inference_directions"] == json.load(f)["num_directions"]
 
 
 def _errors(thin: float, thick: float, touching: float, precision: float) -> dict:
@@ -288,7 +324,8 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
         assert bench in results, bench
     for bench in ("B1", "B2"):
         assert {r["model"] for r in results[bench]["rows"]} == {"unet25d", "unet3d"}
-        assert all("error" not in r and r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in results[bench]["rows"])
+        assert all("error" not in r and r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["live_peak_mb"] > 0
+                   for r in results[bench]["rows"])
         assert results[bench]["ratios"][0]["time_3d_over_25d"] > 0
     assert results["B3"]["rows"][0]["ratios"]["floor"] == 1.0
     assert results["B3"]["loop_seconds"] == LOOP_SECONDS
