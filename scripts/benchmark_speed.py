@@ -150,22 +150,32 @@ def inference_directions() -> int:
 
 
 def live_tensor_peak(fn: Callable[[], object]) -> float:
-    """Peak MiB of tensor memory that one call of ``fn`` holds at once, over what existed before the call.
+    """Peak MiB of tensor memory that one call of ``fn`` holds at once, over what was held before the call.
 
-    From torch.profiler's CPU memory events (``profile_memory=True``), summed in the order the
-    operators started: the tensors' own bytes, whatever the C allocator keeps of freed blocks
-    (which the peak RSS includes). Operator granularity: a temporary an operator frees before it
-    returns is not seen, so this is a lower bound of the true peak.
+    From torch.profiler's CPU memory events (``profile_memory=True``): each allocation and free
+    of the CPU allocator during the call, with the running total of live bytes, read from the
+    exported Chrome trace. The tensors' own bytes, not what the C allocator keeps of freed blocks
+    (which the peak RSS includes).
     """
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                    key=lambda e: e["ts"])
+    if not memory:
+        return 0.0
+    first = memory[0]["args"]
+    before = first["Total Allocated"] - first["Bytes"]  # the running total counts from the first profiled block
+    return max(0, max(e["args"]["Total Allocated"] for e in memory) - before) / 2**20
 
 
 def _summary(times: list[float], probe: MemoryProbe, settle_s: float, run: Callable[[], object]) -> dict:
