@@ -565,8 +565,8 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
                   f"validation, {d.get('test')} test. Preprocessing from `configs/train.json`, the same random "
                   f"crops of {s['crop']} for every model (a baseline config's own `roi_size` is replaced); "
                   "metrics on each case's own grid after `Invertd`. 2.5D models infer the whole "
-                  f"volume{_b4_directions(b4)}; the 3D U-Net uses sliding windows of the crop size, overlap 0.25. Frangi: "
-                  "`scripts.frangi.fit` on the training split.", "", _b4_section(b4), ""]
+                  f"volume{_b4_directions(b4)}; the 3D U-Net uses sliding windows of the crop size, overlap 0.25. "
+                  "Frangi: `scripts.frangi.fit` on the training split.", "", _b4_section(b4), ""]
         errors = _b4_errors_section(b4)
         if errors:
             lines += ["Where the errors are:", "", errors, ""]

@@ -86,8 +86,8 @@ def test_limits_section_memory_gives_live_tensor_peaks_when_measured(live):
     results = {"settings": {"target_inference_size": [32, 32, 16], "target_step_size": [16, 16, 16]},
                "B2": {"rows": b2}, "targets": _targets(missed)}
     text = "\n".join(limits_section(results))
-    assert ("B2 at 16×16×16: 40 against 300 MiB of live tensors (7.5×), the peak RSS increase 3.0× and 1.2× of them"
-            in text) == live
+    expected = "B2 at 16×16×16: 40 against 300 MiB of live tensors (7.5×), the peak RSS increase 3.0× and 1.2× of them"
+    assert (expected in text) == live
     assert "B1 at" not in text  # no B1 rows: nothing said about them
 
 
@@ -230,7 +230,8 @@ def test_limits_section_b4_follows_the_network(network, ray_sum_advice, image_te
         ({"num_directions": 8, "reduction": "sum", "intensity_term": True, "contrast_size": 0}, "`T`: intensity term)"),
         ({"num_directions": 8, "inference_directions": 16, "reduction": "max"},
          "p = 8 in training and 16 at inference (`configs/inference.json`), projections max)"),
-        ({"num_directions": 8, "inference_directions": 8, "reduction": "max"}, "(`configs/train.json`: p = 8, projections max)"),
+        ({"num_directions": 8, "inference_directions": 8, "reduction": "max"},
+         "(`configs/train.json`: p = 8, projections max)"),
     ],
 )
 def test_network_25d_in_words(network, words):
