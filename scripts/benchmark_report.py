@@ -423,20 +423,18 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
         lines.append(text)
     if any(b in ("B1", "B2") and "memory" in t for b, t in missed):
         pooled = "" if _network_value(results, "pool_size", 3) == 1 else "`T`'s pooled volume, "
+        live = _live_text(results)
         contrast = ("; with the local-contrast term it adds the image's local mean slab by slab, whose box sums "
                     "make a few slabs of temporaries" if _network_value(results, "contrast_size", 0) else "")
         lines.append(
             "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (`R` writes it, `T` "
             f"overwrites it in place{contrast}), the sampling tables of `M` and `R` (int32, cached per shape), "
             "`U`'s feature maps for `direction_batch` projections at once (1 in the bundle's configs), and the "
-            "heap blocks that glibc keeps after those feature maps are freed (its mmap threshold rises with the "
-            "blocks freed, so a "
-            "later volume-sized allocation can come on top of them, and the figure varies from run to run for that "
-            "reason). The 3D U-Net's sliding window bounds its own peak to one window's feature maps and the "
-            "output. In a training step the crop-sized 3D tensors of both paths (the two outputs, "
+            "heap blocks that glibc keeps after those feature maps are freed ("
+            f"{'see below; ' if live else ''}the figure varies from run to run for that reason). The 3D U-Net's "
+            "sliding window bounds its own peak to one window's feature maps and the output. In a training step the crop-sized 3D tensors of both paths (the two outputs, "
             f"{pooled}the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
-            "for the q projections of path 1, so fewer directions do not shrink it in proportion."
-            + _live_text(results))
+            "for the q projections of path 1, so fewer directions do not shrink it in proportion." + live)
     if any(b == "B2" and "faster" in t for b, t in missed):
         p, q = _network_value(results, "num_directions", 16), _network_value(results, "num_subset", 4)
         lines.append(
