@@ -31,34 +31,42 @@ __all__ = ["VARIANTS", "train_variant", "run", "render"]
 
 logger = logging.getLogger(__name__)
 
+_Q4 = {"num_subset": 4}  # q before 0.7.0, named so that those variants keep it
 # T as the paper has it (3^3 pooling, no image terms): the variants measured before those options set it explicitly
 _PAPER_T = {"network_def#intensity_term": False, "network_def#contrast_size": 0, "network_def#pool_size": 3}
 _POOL_3 = {"network_def#pool_size": 3}
 _MAX_SUM = ["max", "sum"]
 
 VARIANTS = {  # every variant names its projection, p and T, so that it does not change with train.json's defaults
-    "MIP, p = 16": {"reduction": "max", "num_directions": 16, **_PAPER_T},
-    "MIP + ray sum, p = 16": {"reduction": _MAX_SUM, "num_directions": 16, **_PAPER_T},
-    "ray sum, p = 16": {"reduction": "sum", "num_directions": 16, **_PAPER_T},
+    "MIP, p = 16": {"reduction": "max", "num_directions": 16, **_Q4, **_PAPER_T},
+    "MIP + ray sum, p = 16": {"reduction": _MAX_SUM, "num_directions": 16, **_Q4, **_PAPER_T},
+    "ray sum, p = 16": {"reduction": "sum", "num_directions": 16, **_Q4, **_PAPER_T},
     "MIP, p = 16, q = 8": {"reduction": "max", "num_directions": 16, "num_subset": 8, **_PAPER_T},
-    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, **_PAPER_T, "network_def#pool_size": 1},
-    "MIP, p = 8": {"reduction": "max", "num_directions": 8, **_PAPER_T},
-    "MIP + ray sum, p = 8": {"reduction": _MAX_SUM, "num_directions": 8, **_PAPER_T},
+    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, **_Q4, **_PAPER_T, "network_def#pool_size": 1},
+    "MIP, p = 8": {"reduction": "max", "num_directions": 8, **_Q4, **_PAPER_T},
+    "MIP + ray sum, p = 8": {"reduction": _MAX_SUM, "num_directions": 8, **_Q4, **_PAPER_T},
     "MIP + ray sum, p = 8, q = 2": {"reduction": _MAX_SUM, "num_directions": 8, "num_subset": 2, **_PAPER_T},
-    "MIP + ray sum, p = 8, intensity term": {"reduction": _MAX_SUM, "num_directions": 8,
+    "MIP + ray sum, p = 8, intensity term": {"reduction": _MAX_SUM, "num_directions": 8, **_Q4,
                                              "network_def#intensity_term": True, "network_def#contrast_size": 0,
                                              **_POOL_3},
-    "MIP + ray sum, p = 8, intensity term, pool 1": {"reduction": _MAX_SUM, "num_directions": 8,
+    "MIP + ray sum, p = 8, intensity term, pool 1": {"reduction": _MAX_SUM, "num_directions": 8, **_Q4,
                                                      "network_def#intensity_term": True,
                                                      "network_def#contrast_size": 0, "network_def#pool_size": 1},
     "MIP + ray sum, p = 8, intensity and contrast terms": {
-        "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True,
+        "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True, **_Q4,
         "network_def#contrast_size": 5, **_POOL_3},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1": {
-        "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True,
+        "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True, **_Q4,
         "network_def#contrast_size": 5, "network_def#pool_size": 1},
-    "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16, "network_def#filter_size": 33,
-                                           "network_def#filter_init": "ramp", **_PAPER_T},
+    "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16, **_Q4,
+                                           "network_def#filter_size": 33, "network_def#filter_init": "ramp",
+                                           **_PAPER_T},
+    "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6": {
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, "network_def#intensity_term": True,
+        "network_def#contrast_size": 5, "network_def#pool_size": 1},
+    "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 8": {
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 8, "network_def#intensity_term": True,
+        "network_def#contrast_size": 5, "network_def#pool_size": 1},
 }
 
 

@@ -442,7 +442,7 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             f"projections and path 2 forward (without a graph) on the other {max(p - q, 0)}: the 2D U-Net's "
             "convolutions are most of a step, `M`, `R` and `R*` a small part since the fused kernels (B3). What "
             "is left to trade is the 2D U-Net itself (fewer residual units per level, fewer channels) or q, each "
-            "against accuracy ([ablation.md](ablation.md) has q = 2 below q = 4).")
+            "against accuracy ([ablation.md](ablation.md) compares q = 2, 4, 6 and 8 at p = 8).")
     if "B3" in kinds:
         if results.get("fused_kernels"):
             lines.append(

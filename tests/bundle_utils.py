@@ -8,15 +8,16 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE_CMD = [sys.executable, "-m", "monai.bundle"]
-# the 2.5D U-Net at test size: 4 directions, a 3-level 2D U-Net of 4-16 channels
+# the 2.5D U-Net at test size: 4 directions (subsets of 2 in training), a 3-level 2D U-Net of 4-16 channels
 TINY_NET = [
     "--num_directions", "4",
+    "--num_subset", "2",
     "--network_def#channels", "[4,8,16]",
     "--network_def#strides", "[2,2]",
     "--network_def#num_res_units", "1",
 ]
-TINY_NET_OVERRIDES = {"num_directions": 4, "network_def#channels": [4, 8, 16], "network_def#strides": [2, 2],
-                      "network_def#num_res_units": 1}
+TINY_NET_OVERRIDES = {"num_directions": 4, "num_subset": 2, "network_def#channels": [4, 8, 16],
+                      "network_def#strides": [2, 2], "network_def#num_res_units": 1}
 
 
 def run(args, cwd=ROOT, env=None, check=True, timeout=300):
