@@ -67,6 +67,9 @@ VARIANTS = {  # every variant names its projection, p and T, so that it does not
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 8": {
         "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 8, "network_def#intensity_term": True,
         "network_def#contrast_size": 5, "network_def#pool_size": 1},
+    "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6, Dice + BCE": {
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, "network_def#intensity_term": True,
+        "network_def#contrast_size": 5, "network_def#pool_size": 1, "loss#bce_weight": 1.0},
 }
 
 

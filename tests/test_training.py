@@ -35,6 +35,38 @@ def test_loss_rejects_mismatched_shapes():
         TwoPathDiceLoss(main_weight=-1.0)
 
 
+@parameterized.expand([[0.5, 1, True, False], [1.0, 3, True, False], [2.0, 3, False, False], [1.0, 3, False, True]])
+def test_bce_term_adds_weighted_cross_entropy(weight, k, background, onehot):
+    """Each path's loss is Dice plus bce_weight times torch's BCE, on the channels the Dice counts."""
+    shape = (2, k, 6, 7, 5)
+    if onehot:
+        target = torch.randint(0, k, (2, 1) + shape[2:]).float()
+        dense = torch.nn.functional.one_hot(target[:, 0].long(), k).permute(0, 4, 1, 2, 3).float()
+    else:
+        target = dense = (torch.rand(shape) > 0.5).float()
+    main, aux = torch.rand(shape), torch.rand(shape)
+    dice = DiceLoss(sigmoid=False, include_background=background, to_onehot_y=onehot)
+    first = 0 if background else 1
+
+    def expected(p):
+        bce = torch.nn.functional.binary_cross_entropy(p[:, first:].clamp(1e-6, 1 - 1e-6), dense[:, first:])
+        return dice(p, target) + weight * bce
+
+    loss_fn = TwoPathDiceLoss(include_background=background, to_onehot_y=onehot, bce_weight=weight)
+    assert torch.allclose(loss_fn(torch.stack([main, aux], 1), target), expected(aux) + expected(main))
+    assert torch.allclose(loss_fn(main, target), expected(main))
+
+
+def test_bce_term_stays_finite_at_saturated_probabilities():
+    target = (torch.rand(1, 1, 6, 6, 6) > 0.5).float()
+    pred = torch.cat([torch.zeros(1, 1, 6, 6, 3), torch.ones(1, 1, 6, 6, 3)], -1).requires_grad_()
+    loss = TwoPathDiceLoss(bce_weight=1.0)(pred, target)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all() and pred.grad.abs().max() < 1e3
+    with pytest.raises(ValueError, match="bce_weight"):
+        TwoPathDiceLoss(bce_weight=-0.5)
+
+
 def test_main_path_selects_index_zero():
     pred = torch.rand(2, 2, 1, 4, 4, 4)
     assert torch.equal(main_path(pred), pred[:, 0])
