@@ -35,6 +35,8 @@ _Q4 = {"num_subset": 4}  # q before 0.7.0, named so that those variants keep it
 # T as the paper has it (3^3 pooling, no image terms): the variants measured before those options set it explicitly
 _PAPER_T = {"network_def#intensity_term": False, "network_def#contrast_size": 0, "network_def#pool_size": 3}
 _POOL_3 = {"network_def#pool_size": 3}
+# T of the bundle since 0.5.0: both image terms, no pooling
+_BUNDLE_T = {"network_def#intensity_term": True, "network_def#contrast_size": 5, "network_def#pool_size": 1}
 _MAX_SUM = ["max", "sum"]
 
 VARIANTS = {  # every variant names its projection, p and T, so that it does not change with train.json's defaults
@@ -56,20 +58,16 @@ VARIANTS = {  # every variant names its projection, p and T, so that it does not
         "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True, **_Q4,
         "network_def#contrast_size": 5, **_POOL_3},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1": {
-        "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True, **_Q4,
-        "network_def#contrast_size": 5, "network_def#pool_size": 1},
+        "reduction": _MAX_SUM, "num_directions": 8, **_Q4, **_BUNDLE_T},
     "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16, **_Q4,
                                            "network_def#filter_size": 33, "network_def#filter_init": "ramp",
                                            **_PAPER_T},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6": {
-        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, "network_def#intensity_term": True,
-        "network_def#contrast_size": 5, "network_def#pool_size": 1},
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, **_BUNDLE_T},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 8": {
-        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 8, "network_def#intensity_term": True,
-        "network_def#contrast_size": 5, "network_def#pool_size": 1},
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 8, **_BUNDLE_T},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6, Dice + BCE": {
-        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, "network_def#intensity_term": True,
-        "network_def#contrast_size": 5, "network_def#pool_size": 1, "loss#bce_weight": 1.0},
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, **_BUNDLE_T, "loss#bce_weight": 1.0},
 }
 
 

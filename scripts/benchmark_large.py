@@ -5,7 +5,8 @@ Each measurement runs in a fresh subprocess, so that its peak resident set size
 (``ru_maxrss``) is its own and includes everything the process touched:
 
 - ``floor``: Python, torch, MONAI and the network of ``configs/inference.json`` (its p and
-  channels, random weights: memory does not depend on the weights), no volume. The part of every peak that does not depend on the volume.
+  channels, random weights: memory does not depend on the weights), no volume. The part of
+  every peak that does not depend on the volume.
 - ``network``: that network through the config's ``SlidingWindowInferer`` (by default one
   window over the whole volume) on a random volume already in memory, in eval mode without
   gradients, as the evaluator runs it.

@@ -432,7 +432,8 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             "`U`'s feature maps for `direction_batch` projections at once (1 in the bundle's configs), and the "
             "heap blocks that glibc keeps after those feature maps are freed ("
             f"{'see below; ' if live else ''}the figure varies from run to run for that reason). The 3D U-Net's "
-            "sliding window bounds its own peak to one window's feature maps and the output. In a training step the crop-sized 3D tensors of both paths (the two outputs, "
+            "sliding window bounds its own peak to one window's feature maps and the output. In a training step "
+            "the crop-sized 3D tensors of both paths (the two outputs, "
             f"{pooled}the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
             "for the q projections of path 1, so fewer directions do not shrink it in proportion." + live)
     if any(b == "B2" and "faster" in t for b, t in missed):
