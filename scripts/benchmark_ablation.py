@@ -1,10 +1,11 @@
 """Ablations of the random 2.5D U-Net at an equal number of training steps (docs/ablation.md).
 
 Each variant is ``configs/train.json`` with a few overrides (the projection, q, p, the pooling of
-``T``), trained for the same number of two-path steps on the benchmark's synthetic training
-split from the same seed, and validated at fixed step intervals (whole volumes, Dice on each
-case's own grid, as B4 validates). Counting steps instead of seconds keeps the comparison fair
-on a shared machine; what a step costs is B2's business (``docs/benchmarks.md``).
+``T``, the loss's cross-entropy term), trained for the same number of two-path steps on the
+benchmark's synthetic training split from the same seed, and validated at fixed step intervals
+(whole volumes, Dice on each case's own grid, as B4 validates). Counting steps instead of
+seconds keeps the comparison fair on a shared machine; what a step costs is B2's business
+(``docs/benchmarks.md``).
 
 Usage::
 
@@ -38,34 +39,37 @@ _POOL_3 = {"network_def#pool_size": 3}
 # T of the bundle since 0.5.0: both image terms, no pooling
 _BUNDLE_T = {"network_def#intensity_term": True, "network_def#contrast_size": 5, "network_def#pool_size": 1}
 _MAX_SUM = ["max", "sum"]
+_DICE = {"loss#bce_weight": 0.0}  # Dice alone, the loss before 0.8.0, named so that those variants keep it
 
 VARIANTS = {  # every variant names its projection, p and T, so that it does not change with train.json's defaults
-    "MIP, p = 16": {"reduction": "max", "num_directions": 16, **_Q4, **_PAPER_T},
-    "MIP + ray sum, p = 16": {"reduction": _MAX_SUM, "num_directions": 16, **_Q4, **_PAPER_T},
-    "ray sum, p = 16": {"reduction": "sum", "num_directions": 16, **_Q4, **_PAPER_T},
-    "MIP, p = 16, q = 8": {"reduction": "max", "num_directions": 16, "num_subset": 8, **_PAPER_T},
-    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, **_Q4, **_PAPER_T, "network_def#pool_size": 1},
-    "MIP, p = 8": {"reduction": "max", "num_directions": 8, **_Q4, **_PAPER_T},
-    "MIP + ray sum, p = 8": {"reduction": _MAX_SUM, "num_directions": 8, **_Q4, **_PAPER_T},
-    "MIP + ray sum, p = 8, q = 2": {"reduction": _MAX_SUM, "num_directions": 8, "num_subset": 2, **_PAPER_T},
+    "MIP, p = 16": {"reduction": "max", "num_directions": 16, **_Q4, **_PAPER_T, **_DICE},
+    "MIP + ray sum, p = 16": {"reduction": _MAX_SUM, "num_directions": 16, **_Q4, **_PAPER_T, **_DICE},
+    "ray sum, p = 16": {"reduction": "sum", "num_directions": 16, **_Q4, **_PAPER_T, **_DICE},
+    "MIP, p = 16, q = 8": {"reduction": "max", "num_directions": 16, "num_subset": 8, **_PAPER_T, **_DICE},
+    "MIP, p = 16, pool 1": {"reduction": "max", "num_directions": 16, **_Q4, **_PAPER_T, "network_def#pool_size": 1,
+                            **_DICE},
+    "MIP, p = 8": {"reduction": "max", "num_directions": 8, **_Q4, **_PAPER_T, **_DICE},
+    "MIP + ray sum, p = 8": {"reduction": _MAX_SUM, "num_directions": 8, **_Q4, **_PAPER_T, **_DICE},
+    "MIP + ray sum, p = 8, q = 2": {"reduction": _MAX_SUM, "num_directions": 8, "num_subset": 2, **_PAPER_T, **_DICE},
     "MIP + ray sum, p = 8, intensity term": {"reduction": _MAX_SUM, "num_directions": 8, **_Q4,
                                              "network_def#intensity_term": True, "network_def#contrast_size": 0,
-                                             **_POOL_3},
+                                             **_POOL_3, **_DICE},
     "MIP + ray sum, p = 8, intensity term, pool 1": {"reduction": _MAX_SUM, "num_directions": 8, **_Q4,
                                                      "network_def#intensity_term": True,
-                                                     "network_def#contrast_size": 0, "network_def#pool_size": 1},
+                                                     "network_def#contrast_size": 0, "network_def#pool_size": 1,
+                                                     **_DICE},
     "MIP + ray sum, p = 8, intensity and contrast terms": {
         "reduction": _MAX_SUM, "num_directions": 8, "network_def#intensity_term": True, **_Q4,
-        "network_def#contrast_size": 5, **_POOL_3},
+        "network_def#contrast_size": 5, **_POOL_3, **_DICE},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1": {
-        "reduction": _MAX_SUM, "num_directions": 8, **_Q4, **_BUNDLE_T},
+        "reduction": _MAX_SUM, "num_directions": 8, **_Q4, **_BUNDLE_T, **_DICE},
     "ray sum, p = 16, ramp filter of 33": {"reduction": "sum", "num_directions": 16, **_Q4,
                                            "network_def#filter_size": 33, "network_def#filter_init": "ramp",
-                                           **_PAPER_T},
+                                           **_PAPER_T, **_DICE},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6": {
-        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, **_BUNDLE_T},
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, **_BUNDLE_T, **_DICE},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 8": {
-        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 8, **_BUNDLE_T},
+        "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 8, **_BUNDLE_T, **_DICE},
     "MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6, Dice + BCE": {
         "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, **_BUNDLE_T, "loss#bce_weight": 1.0},
 }

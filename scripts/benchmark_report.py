@@ -475,6 +475,17 @@ def _network_value(results: dict, key: str, before: object) -> object:
     return results.get("network_25d", {}).get(key, before)
 
 
+def _loss_weights(results: dict) -> str:
+    """The weights of the benchmarked ``TwoPathDiceLoss`` in words; empty for results from before they were
+    recorded (then λ = 1 and no cross-entropy term)."""
+    network = results.get("network_25d", {})
+    if "bce_weight" not in network:
+        return ""
+    bce = network["bce_weight"]
+    terms = f"Dice + {bce:g}·BCE on each path" if bce else "Dice on each path"
+    return f" with {terms}, λ = {network.get('main_weight', 1.0):g}"
+
+
 def _network_25d(results: dict) -> str:
     """How the benchmarked 2.5D U-Net was configured, in words."""
     if "network_25d" not in results:
@@ -539,8 +550,8 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
     if "B2" in results:
         lines += ["## B2 one training step (batch 1, Adam)", "",
                   f"2.5D: {_network_25d(results)}, both paths of random 2.5D training (`scripts.training.train_step`, "
-                  f"q = {_network_value(results, 'num_subset', 4)}, "
-                  "`TwoPathDiceLoss`); 3D U-Net: `DiceLoss(sigmoid=True)`. Random crops, label about 5 % foreground.",
+                  f"q = {_network_value(results, 'num_subset', 4)}, `TwoPathDiceLoss`{_loss_weights(results)}); "
+                  "3D U-Net: `DiceLoss(sigmoid=True)`. Random crops, label about 5 % foreground.",
                   "", _speed_section(results["B2"], "training step"), ""]
     if "B3" in results:
         lines += ["## B3 operators against the memory floor", "",

@@ -122,8 +122,9 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
 
     Returns:
         the network and ``{"num_directions", "num_subset", "reduction", "pool_size", "intensity_term",
-        "contrast_size", "direction_batch", "inference_directions"}`` (p, q, the projections, T's pooling window
-        and image terms, projections per U call without a gradient, and the p of ``configs/inference.json``).
+        "contrast_size", "direction_batch", "inference_directions", "main_weight", "bce_weight"}`` (p, q, the
+        projections, T's pooling window and image terms, projections per U call without a gradient, the p of
+        ``configs/inference.json``, and the weights of ``TwoPathDiceLoss``: λ and the cross-entropy term's).
     """
     from monai.bundle import ConfigParser
 
@@ -135,7 +136,9 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     settings = {"num_directions": net.num_directions, "num_subset": int(parser.get_parsed_content("num_subset")),
                 "reduction": reduction if isinstance(reduction, str) else list(reduction),
                 "pool_size": t.kernel_size, "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
-                "direction_batch": net.direction_batch, "inference_directions": inference_directions()}
+                "direction_batch": net.direction_batch, "inference_directions": inference_directions(),
+                "main_weight": float(parser.get_parsed_content("main_weight")),
+                "bce_weight": float(parser.get_parsed_content("bce_weight"))}
     return net, settings
 
 
@@ -219,15 +222,17 @@ def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | 
     """B2: one optimiser step (Adam, batch 1) of ``model`` on a random crop ``(1, 1, *size)``.
 
     ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`), both paths with ``q = num_subset``
-    (the config's q by default; ``scripts.training.train_step``, ``TwoPathDiceLoss``); ``"unet3d"``:
-    the 3D U-Net with ``DiceLoss(sigmoid=True)``. The label is a random mask of about 5 % foreground.
+    (the config's q by default; ``scripts.training.train_step``, ``TwoPathDiceLoss`` with the config's
+    weights); ``"unet3d"``: the 3D U-Net with ``DiceLoss(sigmoid=True)``. The label is a random mask of
+    about 5 % foreground.
     """
     x = torch.rand(1, 1, *size)
     y = (torch.rand(1, 1, *size) > 0.95).float()
     if model == "unet25d":
         net, settings = bundle_unet25d()
         num_subset = settings["num_subset"] if num_subset is None else num_subset
-        loss_fn: torch.nn.Module = TwoPathDiceLoss()
+        loss_fn: torch.nn.Module = TwoPathDiceLoss(main_weight=settings["main_weight"],
+                                                   bce_weight=settings["bce_weight"])
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         run = lambda: two_path_step(net, optimizer, loss_fn, x, y, num_subset)  # noqa: E731
     elif model == "unet3d":

@@ -17,6 +17,7 @@ from scripts import benchmark_accuracy, fused
 from scripts.benchmark import BENCHMARKS, run, run_child
 from scripts.benchmark_report import (
     _b4_errors_section,
+    _loss_weights,
     _network_25d,
     limits_section,
     check_targets,
@@ -245,6 +246,22 @@ def test_bundle_network_settings_follow_the_configs():
     assert settings["num_directions"] == net.num_directions
     with open(os.path.join(ROOT, "configs", "inference.json")) as f:
         assert settings["inference_directions"] == json.load(f)["num_directions"]
+    with open(os.path.join(ROOT, "configs", "train.json")) as f:
+        train = json.load(f)
+    assert (settings["main_weight"], settings["bce_weight"]) == (train["main_weight"], train["bce_weight"])
+
+
+@pytest.mark.parametrize(
+    "network, words",
+    [
+        ({"main_weight": 1.0, "bce_weight": 1.0}, " with Dice + 1·BCE on each path, λ = 1"),
+        ({"main_weight": 0.5, "bce_weight": 0.25}, " with Dice + 0.25·BCE on each path, λ = 0.5"),
+        ({"main_weight": 1.0, "bce_weight": 0.0}, " with Dice on each path, λ = 1"),
+        ({"num_directions": 8}, ""),  # results from before the loss was recorded
+    ],
+)
+def test_loss_weights_in_words(network, words):
+    assert _loss_weights({"network_25d": network}) == words
 
 
 def _errors(thin: float, thick: float, touching: float, precision: float) -> dict:

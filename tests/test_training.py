@@ -8,7 +8,7 @@ from monai.engines import SupervisedTrainer
 from monai.losses import DiceLoss
 from parameterized import parameterized
 
-from scripts.losses import TwoPathDiceLoss
+from scripts.losses import EPS, TwoPathDiceLoss, clamped_bce
 from scripts.net import UNet25D
 from scripts.training import TwoPathPrepareBatch, main_path
 
@@ -65,6 +65,36 @@ def test_bce_term_stays_finite_at_saturated_probabilities():
     assert torch.isfinite(loss) and torch.isfinite(pred.grad).all() and pred.grad.abs().max() < 1e3
     with pytest.raises(ValueError, match="bce_weight"):
         TwoPathDiceLoss(bce_weight=-0.5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 6, 7, 5), (2, 3, 4, 4, 4), (1, 1, 16, 16)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_clamped_bce_matches_torch_value_and_gradient(shape, soft):
+    """Hand-written forward and backward against torch's BCE of the clamped probabilities, saturated ones included."""
+    torch.manual_seed(0)
+    target = torch.rand(shape) if soft else (torch.rand(shape) > 0.5).float()
+    pred = torch.rand(shape)
+    flat = pred.view(-1)
+    flat[:6] = torch.tensor([0.0, 1.0, EPS / 2, 1 - EPS / 4, EPS * 3, 0.5])  # clamped both ways, and just inside
+    pred_a, pred_b = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    mine = clamped_bce(pred_a, target)
+    ref = torch.nn.functional.binary_cross_entropy(pred_b.clamp(EPS, 1 - EPS), target)
+    (2.5 * mine).backward()
+    (2.5 * ref).backward()
+    assert torch.allclose(mine, ref, rtol=1e-5)
+    assert torch.allclose(pred_a.grad, pred_b.grad, rtol=1e-4, atol=1e-9)
+    assert pred_a.grad.view(-1)[:2].eq(0).all()  # where the clamp is active, as torch's clamp
+
+
+def test_clamped_bce_gradcheck_and_dtype():
+    pred = torch.rand(2, 1, 4, 4, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_()
+    target = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p: clamped_bce(p, target), (pred,), atol=1e-4, rtol=1e-3)
+    half = torch.rand(1, 1, 8, 8).bfloat16().requires_grad_()
+    clamped_bce(half, (torch.rand(1, 1, 8, 8) > 0.5).float()).backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad.float()).all()
+    with pytest.raises(ValueError, match="shape"):
+        clamped_bce(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5))
 
 
 def test_main_path_selects_index_zero():
