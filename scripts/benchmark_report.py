@@ -478,12 +478,11 @@ def _network_value(results: dict, key: str, before: object) -> object:
 def _loss_weights(results: dict) -> str:
     """The weights of the benchmarked ``TwoPathDiceLoss`` in words; empty for results from before they were
     recorded (then λ = 1 and no cross-entropy term)."""
-    network = results.get("network_25d", {})
-    if "bce_weight" not in network:
+    bce = _network_value(results, "bce_weight", None)
+    if bce is None:
         return ""
-    bce = network["bce_weight"]
     terms = f"Dice + {bce:g}·BCE on each path" if bce else "Dice on each path"
-    return f" with {terms}, λ = {network.get('main_weight', 1.0):g}"
+    return f" with {terms}, λ = {_network_value(results, 'main_weight', 1.0):g}"
 
 
 def _network_25d(results: dict) -> str:

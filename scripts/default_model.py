@@ -68,6 +68,7 @@ def _doc_text(tables: dict[str, str], data_dir: str) -> str:
 
 
 def _json(name: str) -> dict | None:
+    """``docs/<name>`` as written by the benchmark scripts; None where it was not measured."""
     path = os.path.join(BUNDLE_ROOT, "docs", name)
     if not os.path.isfile(path):
         return None
@@ -84,7 +85,7 @@ def _benchmark_sentence() -> str:
         return ""
     budget = b4.get("budget_s")
     at = f" after {budget:.0f} s of training each" if budget else ""
-    return (f"At equal budget on that split the random 2.5D U-Net reached test Dice {dice['unet25d']:.3f} and "
+    return (f"At equal budget on the benchmark's synthetic split the random 2.5D U-Net reached test Dice {dice['unet25d']:.3f} and "
             f"MONAI's 3D U-Net {dice['unet3d']:.3f}{at} (`docs/benchmarks.md`, B4; the difference moves from run "
             "to run). ")
 

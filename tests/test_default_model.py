@@ -68,7 +68,8 @@ def test_recipe_trains_and_evaluates(tmp_path):
 
 @pytest.mark.parametrize("with_b4, with_ceiling", [(True, True), (True, False), (False, True), (False, False)])
 def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b4, with_ceiling):
-    """The comparison under the default model's tables quotes docs/benchmarks.json and docs/ceiling.json, or is left out."""
+    """The comparison under the default model's tables quotes docs/benchmarks.json and docs/ceiling.json,
+    or is left out."""
     import json
 
     os.makedirs(tmp_path / "docs")
