@@ -41,13 +41,15 @@ from scripts.benchmark_report import ERROR_COLUMNS
 from scripts.benchmark_speed import MemoryProbe, inference_directions
 from scripts.data import load_datalist
 from scripts.frangi import FrangiSegmenter, fit
+from scripts.layers import EvalSigmoid
 from scripts.metrics import compute_cldice, error_breakdown
 from scripts.net import UNet25D
 from scripts.slicestack import SliceStackUNet
 from scripts.synthetic import write_dataset
 from scripts.training import train_step as two_path_step
 
-__all__ = ["MODELS", "benchmark_data", "model_parser", "case_metrics", "train_model", "frangi_baseline", "direction_sweep"]
+__all__ = ["MODELS", "benchmark_data", "model_parser", "loss_words", "case_metrics", "train_model", "frangi_baseline",
+           "direction_sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +62,14 @@ TINY_LEVELS = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
 BUILT_IN = {  # as configs/unet3d.json and configs/slicestack.json, for a bundle without them
     "unet3d": {
         "unet3d": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 1, **LEVELS},
-        "network_def": "$torch.nn.Sequential(@unet3d, torch.nn.Sigmoid())",
-        "loss": {"_target_": "DiceLoss", "sigmoid": False},
+        "output_head": {"_target_": "scripts.layers.EvalSigmoid"},
+        "network_def": "$torch.nn.Sequential(@unet3d, @output_head)",
+        "loss": {"_target_": "DiceCELoss", "sigmoid": True},
     },
     "slicestack": {
         "network_def": {"_target_": "scripts.slicestack.SliceStackUNet", "in_channels": 1, "out_channels": 1,
-                        "offsets": [-2, 0, 2], **LEVELS},
-        "loss": {"_target_": "DiceLoss", "sigmoid": False},
+                        "offsets": [-2, 0, 2], "train_logits": True, **LEVELS},
+        "loss": {"_target_": "DiceCELoss", "sigmoid": True},
     },
 }
 
@@ -108,12 +111,13 @@ def model_parser(model: str, crop: Sequence[int], tiny: bool, batch: int | None 
 def _predictor(net: torch.nn.Module, crop: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Probabilities of a ``(1, 1, H, W, D)`` tensor: whole volume for the 2.5D models, windows for 3D.
 
-    A network that ends in logits (not a 2.5D model, not ``Sequential(..., Sigmoid())``) gets the sigmoid.
+    A network that ends in logits (not a 2.5D model, not ``Sequential(..., Sigmoid())`` or
+    ``Sequential(..., EvalSigmoid())`` in eval mode) gets the sigmoid.
     """
     if isinstance(net, (UNet25D, SliceStackUNet)):
         return net
     inferer = SlidingWindowInferer(roi_size=list(crop), sw_batch_size=1, overlap=0.25, padding_mode="replicate")
-    if isinstance(net, torch.nn.Sequential) and isinstance(net[-1], torch.nn.Sigmoid):
+    if isinstance(net, torch.nn.Sequential) and isinstance(net[-1], (torch.nn.Sigmoid, EvalSigmoid)):
         return lambda x: inferer(x, net)
     return lambda x: torch.sigmoid(inferer(x, net))
 
@@ -131,6 +135,14 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[floa
         else:
             out["hd95"] = float("nan")
     return out
+
+
+def loss_words(parser: ConfigParser) -> str:
+    """The config's ``loss`` as a call with its resolved arguments, e.g. ``DiceCELoss(sigmoid=True)``."""
+    config = parser.get("loss")
+    target = str(config.get("_target_", "?")).rsplit(".", 1)[-1]
+    args = ", ".join(f"{k}={parser.get_parsed_content(f'loss#{k}')!r}" for k in config if not k.startswith("_"))
+    return f"{target}({args})"
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -245,6 +257,7 @@ def train_model(
     return {
         "model": model,
         "network": source,
+        "loss": loss_words(parser),
         "parameters": sum(p.numel() for p in net.parameters()),
         "steps": steps,
         "train_seconds": elapsed,

@@ -318,7 +318,8 @@ def _b4_section(b4: dict) -> str:
         rows.append(["Frangi", f"failed: {f['error']}"] + ["–"] * 7)
     header = ["model", "test Dice", "test clDice", "test HD95 (mm)", "best val Dice", "steps", "train s",
               "parameters", "training peak RSS (MiB)"]
-    sources = "; ".join(f"{LABELS.get(m, m)}: {r.get('network', '?')}" for m, r in b4.get("models", {}).items())
+    sources = "; ".join(f"{LABELS.get(m, m)}: {r.get('network', '?')}" + (f", `{r['loss']}`" if "loss" in r else "")
+                        for m, r in b4.get("models", {}).items())
     return markdown_table(header, rows) + f"\n\nNetworks and losses from: {sources}."
 
 
@@ -485,6 +486,15 @@ def _loss_weights(results: dict) -> str:
     return f" with {terms}, λ = {_network_value(results, 'main_weight', 1.0):g}"
 
 
+def _b2_loss(results: dict, model: str) -> str:
+    """The loss ``model`` trained with in B2, as the rows record it; for results from before they did, the
+    losses of then (``TwoPathDiceLoss`` with the recorded weights, the 3D U-Net's ``DiceLoss(sigmoid=True)``)."""
+    recorded = next((r["loss"] for r in results["B2"].get("rows", []) if r.get("model") == model and "loss" in r), None)
+    if recorded is not None:
+        return f"`{recorded}`"
+    return f"`TwoPathDiceLoss`{_loss_weights(results)}" if model == "unet25d" else "`DiceLoss(sigmoid=True)`"
+
+
 def _network_25d(results: dict) -> str:
     """How the benchmarked 2.5D U-Net was configured, in words."""
     if "network_25d" not in results:
@@ -549,8 +559,8 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
     if "B2" in results:
         lines += ["## B2 one training step (batch 1, Adam)", "",
                   f"2.5D: {_network_25d(results)}, both paths of random 2.5D training (`scripts.training.train_step`, "
-                  f"q = {_network_value(results, 'num_subset', 4)}, `TwoPathDiceLoss`{_loss_weights(results)}); "
-                  "3D U-Net: `DiceLoss(sigmoid=True)`. Random crops, label about 5 % foreground.",
+                  f"q = {_network_value(results, 'num_subset', 4)}, {_b2_loss(results, 'unet25d')}); "
+                  f"3D U-Net: {_b2_loss(results, 'unet3d')}. Random crops, label about 5 % foreground.",
                   "", _speed_section(results["B2"], "training step"), ""]
     if "B3" in results:
         lines += ["## B3 operators against the memory floor", "",

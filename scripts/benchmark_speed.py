@@ -10,8 +10,8 @@ themselves, which the RSS exceeds by the freed blocks the C allocator keeps.
 
 - B1 :func:`inference`: one whole-volume pass of ``UNet25D`` (eval, no grad) or MONAI's 3D
   ``UNet`` under ``SlidingWindowInferer``.
-- B2 :func:`train_step`: one optimiser step, random 2.5D (both paths, ``TwoPathDiceLoss``) or
-  3D U-Net (``DiceLoss``), batch 1.
+- B2 :func:`train_step`: one optimiser step, random 2.5D (both paths) or 3D U-Net, batch 1, each
+  with the loss its bundle config trains with (:func:`bundle_loss`).
 - B3 :func:`operators`: M and R against the memory floor, from ``scripts.benchmark_operators``.
 
 Inputs are random tensors of the requested size (untrained weights): the time and memory of
@@ -28,16 +28,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import SlidingWindowInferer
-from monai.losses import DiceLoss
 from monai.networks.nets import UNet
 
 from scripts import benchmark_operators
-from scripts.losses import TwoPathDiceLoss
 from scripts.net import UNet25D
 from scripts.training import train_step as two_path_step
 
 __all__ = ["MemoryProbe", "settle_threads", "time_repeats", "live_tensor_peak", "unet3d", "bundle_unet25d",
-           "inference_directions", "inference", "train_step", "operators"]
+           "bundle_loss", "inference_directions", "inference", "train_step", "operators"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +140,21 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     return net, settings
 
 
+def bundle_loss(model: str) -> tuple[torch.nn.Module, str]:
+    """The loss the bundle trains ``model`` with (``"unet25d"``: ``configs/train.json``; ``"unet3d"``: with
+    ``configs/unet3d.json`` on top) and its words, e.g. ``DiceCELoss(include_background=True, sigmoid=True)``."""
+    from monai.bundle import ConfigParser
+
+    from scripts.benchmark_accuracy import loss_words
+
+    files = {"unet25d": ["train.json"], "unet3d": ["train.json", "unet3d.json"]}
+    if model not in files:
+        raise ValueError(f"unknown model {model!r}; valid ones are {sorted(files)}.")
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, "configs", f) for f in files[model]])
+    return parser.get_parsed_content("loss"), loss_words(parser)
+
+
 def inference_directions() -> int:
     """p of ``configs/inference.json``, the directions the bundle infers with (the filter is shared, so a model
     trained with another p runs with it)."""
@@ -222,22 +235,22 @@ def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | 
     """B2: one optimiser step (Adam, batch 1) of ``model`` on a random crop ``(1, 1, *size)``.
 
     ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`), both paths with ``q = num_subset``
-    (the config's q by default; ``scripts.training.train_step``, ``TwoPathDiceLoss`` with the config's
-    weights); ``"unet3d"``: the 3D U-Net with ``DiceLoss(sigmoid=True)``. The label is a random mask of
-    about 5 % foreground.
+    (the config's q by default; ``scripts.training.train_step``); ``"unet3d"``: the 3D U-Net (logits out, as
+    it trains). Each with the loss of its config (:func:`bundle_loss`), named in the result's ``"loss"``.
+    The label is a random mask of about 5 % foreground.
     """
+    if model not in ("unet25d", "unet3d"):
+        raise ValueError(f"unknown model {model!r}; valid ones are 'unet25d' and 'unet3d'.")
     x = torch.rand(1, 1, *size)
     y = (torch.rand(1, 1, *size) > 0.95).float()
+    loss_fn, words = bundle_loss(model)
     if model == "unet25d":
         net, settings = bundle_unet25d()
         num_subset = settings["num_subset"] if num_subset is None else num_subset
-        loss_fn: torch.nn.Module = TwoPathDiceLoss(main_weight=settings["main_weight"],
-                                                   bce_weight=settings["bce_weight"])
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         run = lambda: two_path_step(net, optimizer, loss_fn, x, y, num_subset)  # noqa: E731
-    elif model == "unet3d":
+    else:
         net = unet3d()
-        loss_fn = DiceLoss(sigmoid=True)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
 
         def run() -> float:
@@ -248,13 +261,11 @@ def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | 
             optimizer.step()
             return float(loss.detach())
 
-    else:
-        raise ValueError(f"unknown model {model!r}; valid ones are 'unet25d' and 'unet3d'.")
     logger.info("B2 training step: %s on %s, %d repeat(s)", model, list(size), repeats)
     settle_s = settle_threads()
     probe = MemoryProbe()
     times = time_repeats(run, repeats)
-    return _summary(times, probe, settle_s, run)
+    return {**_summary(times, probe, settle_s, run), "loss": words}
 
 
 def operators(size: Sequence[int], num_directions: int, repeats: int) -> dict:

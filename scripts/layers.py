@@ -1,4 +1,5 @@
-"""The learnable layers around the backprojection: filtration ``F`` and fine-tuning ``T``."""
+"""The learnable layers around the backprojection: filtration ``F`` and fine-tuning ``T``; and the baselines'
+output head :class:`EvalSigmoid`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Filtration", "FineTuning", "FILTER_INITS", "box_mean"]
+__all__ = ["Filtration", "FineTuning", "EvalSigmoid", "FILTER_INITS", "box_mean"]
 
 FILTER_INITS = ("identity", "ramp")
 
@@ -273,3 +274,22 @@ class FineTuning(nn.Module):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled volume, a new tensor (``x`` itself is not changed)."""
         return box_mean(x, self.kernel_size)
+
+
+class EvalSigmoid(nn.Module):
+    """The sigmoid of a network's logits in eval mode, the logits themselves in training mode.
+
+    The output head of the bundle's baselines (``configs/unet3d.json``): validation, inference and
+    the exported model (eval mode) give probabilities as the 2.5D U-Net does, so the same
+    postprocessing, metrics and threshold apply; training gives the loss the logits, as MONAI's
+    ``DiceCELoss(sigmoid=True)`` expects. A loss on probabilities cannot do that: where the sigmoid
+    saturates (logits beyond about ±17 in float32) its gradient is 0, and a confidently wrong voxel
+    stays wrong. The same convention as the deep-supervision heads of MONAI's ``DynUNet``, whose
+    output differs between training and eval mode.
+
+    Shapes:
+        any shape to the same shape.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.training else torch.sigmoid(x)

@@ -49,8 +49,10 @@ class SliceStackUNet(nn.Module):
     For every slice ``z`` of the volume (the ``H x W`` plane; D is z) the slices ``z + offsets``
     are stacked as ``C * len(offsets)`` channels (see :func:`stack_neighbours`), the 2D U-Net
     gives ``K`` logits for slice ``z``, and the sigmoid turns them into probabilities. The
-    output is that of ``UNet25D``'s evaluation forward, so the same inferers, Dice loss on
-    probabilities (``sigmoid=False``) and postprocessing apply unchanged.
+    output is that of ``UNet25D``'s evaluation forward, so the same inferers, metrics and
+    postprocessing apply unchanged. With ``train_logits`` the logits themselves come out in
+    training mode, for a loss on logits (``DiceCELoss(sigmoid=True)``, as ``configs/slicestack.json``
+    trains it; :class:`scripts.layers.EvalSigmoid` says why); eval mode gives probabilities either way.
 
     Slices go through the U-Net ``slice_batch`` at a time (the neighbour stack is built per
     chunk too), which bounds the memory of a whole-volume pass; the result does not depend on
@@ -67,9 +69,11 @@ class SliceStackUNet(nn.Module):
         norm: normalisation of the 2D U-Net.
         dropout: dropout of the 2D U-Net.
         slice_batch: slices per U-Net call, at least 1.
+        train_logits: in training mode, return the logits instead of probabilities.
 
     Shapes:
-        ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities in ``[0, 1]``, for any
+        ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities in ``[0, 1]`` (logits in training mode with
+        ``train_logits``), for any
         ``H, W, D >= 1``; each slice is padded (edge replication) to a multiple of the U-Net's
         total stride in H and W (and to at least two bottom-level pixels) and cropped back.
 
@@ -94,6 +98,7 @@ class SliceStackUNet(nn.Module):
         norm: str | tuple = "INSTANCE",
         dropout: float = 0.0,
         slice_batch: int = 32,
+        train_logits: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -113,6 +118,7 @@ class SliceStackUNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.slice_batch = slice_batch
+        self.train_logits = train_logits
         divisor = 1
         for s in strides:
             divisor *= s
@@ -132,12 +138,12 @@ class SliceStackUNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, num_subset: int = 0) -> torch.Tensor:
-        """Probabilities ``(B, K, H, W, D)`` of a volume ``(B, C, H, W, D)``.
+        """Probabilities ``(B, K, H, W, D)`` of a volume ``(B, C, H, W, D)`` (logits in training with ``train_logits``).
 
         ``num_subset`` is accepted and ignored: the random 2.5D trainer's
         ``scripts.training.TwoPathPrepareBatch`` passes ``num_subset=q`` to the network, and
         accepting it lets this baseline run under that trainer too. The intended override
-        (``docs/baselines.md``) uses MONAI's default ``prepare_batch`` and a plain Dice loss.
+        (``docs/baselines.md``) uses MONAI's default ``prepare_batch`` and ``DiceCELoss``.
         """
         self._check_input(x)
         b, d = x.shape[0], x.shape[4]
@@ -154,8 +160,8 @@ class SliceStackUNet(nn.Module):
             if pad_h > 0 or pad_w > 0:
                 images = nn.functional.pad(images, [0, pad_w, 0, pad_h], mode="replicate")
             logits = self.unet(images)[:, :, :h, :w]
-            probs = torch.sigmoid(logits).reshape(b, stop - start, self.out_channels, h, w)
-            chunks.append(probs.permute(0, 2, 3, 4, 1))
+            out = logits if self.train_logits and self.training else torch.sigmoid(logits)
+            chunks.append(out.reshape(b, stop - start, self.out_channels, h, w).permute(0, 2, 3, 4, 1))
         return torch.cat(chunks, 4)
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.engines import PrepareBatchDefault
 from monai.handlers import CheckpointLoader
 from monai.inferers import SimpleInferer, SlidingWindowInferer
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss
 
 from scripts.frangi import fit as fit_frangi
 
@@ -159,7 +159,12 @@ def test_config_resolves(baseline, workflow, data, tmp_path):
 
     if workflow == "train":
         assert isinstance(engine.prepare_batch, PrepareBatchDefault)
-        assert isinstance(engine.loss_function, DiceLoss) and not engine.loss_function.sigmoid
+        # Dice + cross-entropy on logits: the network gives logits in training mode, probabilities in eval mode
+        assert isinstance(engine.loss_function, DiceCELoss) and engine.loss_function.dice.sigmoid
+        with torch.no_grad():
+            logits = net.train()(x)
+        torch.testing.assert_close(torch.sigmoid(logits), y, rtol=1e-4, atol=1e-5)
+        assert float(logits.min()) < 0 or float(logits.max()) > 1
         assert parser.get_parsed_content("roi_size") == {"unet3d": [96, 96, 96], "slicestack": [96, 96, 32]}[baseline]
         return
     inferer = engine.inferer

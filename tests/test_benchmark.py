@@ -16,6 +16,7 @@ from parameterized import parameterized
 from scripts import benchmark_accuracy, fused
 from scripts.benchmark import BENCHMARKS, run, run_child
 from scripts.benchmark_report import (
+    _b2_loss,
     _b4_errors_section,
     _loss_weights,
     _network_25d,
@@ -30,7 +31,7 @@ from scripts.benchmark_report import (
     target_status,
 )
 from scripts.benchmark_operators import LOOP_SECONDS
-from scripts.benchmark_speed import MemoryProbe, bundle_unet25d, live_tensor_peak
+from scripts.benchmark_speed import MemoryProbe, bundle_loss, bundle_unet25d, live_tensor_peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,6 +265,38 @@ def test_loss_weights_in_words(network, words):
     assert _loss_weights({"network_25d": network}) == words
 
 
+@pytest.mark.parametrize("model, config, words", [
+    ("unet25d", ["train.json"], "TwoPathDiceLoss(main_weight="),
+    ("unet3d", ["train.json", "unet3d.json"], "DiceCELoss(include_background=True, sigmoid=True)"),
+])
+def test_bundle_loss_follows_the_configs(model, config, words):
+    """B2 trains with the loss each bundle config names, and says which."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, "configs", f) for f in config])
+    loss, said = bundle_loss(model)
+    assert type(loss) is type(parser.get_parsed_content("loss")) and said.startswith(words)
+    with pytest.raises(ValueError):
+        bundle_loss("slicestack")
+
+
+@pytest.mark.parametrize(
+    "rows, network, words_25d, words_3d",
+    [
+        ([{"model": "unet25d", "loss": "TwoPathDiceLoss(bce_weight=1.0)"},
+          {"model": "unet3d", "loss": "DiceCELoss(sigmoid=True)"}], {}, "`TwoPathDiceLoss(bce_weight=1.0)`",
+         "`DiceCELoss(sigmoid=True)`"),
+        # results from before the rows recorded their loss: the losses B2 had then
+        ([{"model": "unet25d"}, {"model": "unet3d"}], {"main_weight": 1.0, "bce_weight": 0.0},
+         "`TwoPathDiceLoss` with Dice on each path, λ = 1", "`DiceLoss(sigmoid=True)`"),
+    ],
+)
+def test_b2_loss_in_words(rows, network, words_25d, words_3d):
+    results = {"B2": {"rows": rows}, "network_25d": network}
+    assert (_b2_loss(results, "unet25d"), _b2_loss(results, "unet3d")) == (words_25d, words_3d)
+
+
 def _errors(thin: float, thick: float, touching: float, precision: float) -> dict:
     return {"dice": 0.6, "cldice": 0.5, "hd95": 9.0, "precision": precision, "recall": (thin + thick) / 2,
             "thin_recall": thin, "thick_recall": thick, "fp_touching": touching}
@@ -317,8 +350,12 @@ def test_built_in_baselines_without_override_configs(tmp_path, monkeypatch):
         parser, source = benchmark_accuracy.model_parser(model, [16, 16, 16], tiny=True, batch=1)
         assert source.startswith("built-in")
         net = parser.get_parsed_content("network_def")
-        out = net.eval()(torch.rand(1, 1, 16, 16, 16))
+        x = torch.rand(1, 1, 16, 16, 16)
+        with torch.no_grad():
+            out, logits = net.eval()(x), net.train()(x)
         assert out.shape == (1, 1, 16, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
+        torch.testing.assert_close(torch.sigmoid(logits), out, atol=1e-5, rtol=1e-4)  # instance norm: no running stats
+        assert benchmark_accuracy.loss_words(parser) == "DiceCELoss(sigmoid=True)"
         assert parser["roi_size"] == [16, 16, 16]
 
 
@@ -350,6 +387,10 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     assert set(results["B4"]["models"]) == {"unet25d", "unet3d", "slicestack"}
     for r in results["B4"]["models"].values():
         assert "error" not in r and r["steps"] >= 1 and 0 <= r["test"]["dice"] <= 1 and r["curve"]
+    # every model says which loss it trained with, and the page repeats it
+    losses = {m: r["loss"] for m, r in results["B4"]["models"].items()}
+    assert losses["unet25d"].startswith("TwoPathDiceLoss(") and losses["unet3d"].startswith("DiceCELoss(")
+    assert {r["model"]: r["loss"] for r in results["B2"]["rows"]} == {m: losses[m] for m in ("unet25d", "unet3d")}
     assert 0 <= results["B4"]["frangi"]["test"]["dice"] <= 1
     assert [r["p"] for r in results["B5"]["rows"]] == [4, 8, 16, 32, 64]
     assert len(results["targets"]) == 8
@@ -362,6 +403,7 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     page = (out / "benchmarks.md").read_text()
     assert ("fused C++ kernels" if results["fused_kernels"] else "could not be built") in page
     assert "**Quick run**" in page and "--quick" in page
+    assert page.count(f"`{losses['unet3d']}`") >= 2  # B2 and B4
     assert f"under {1000 * LOOP_SECONDS:g} ms until it lasts" in page
     plots = ("benchmark_speed.png", "benchmark_operators.png", "benchmark_accuracy.png", "benchmark_directions.png")
     for name in plots:

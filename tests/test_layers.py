@@ -1,4 +1,4 @@
-"""The filtration F and the fine-tuning layer T."""
+"""The filtration F, the fine-tuning layer T and the baselines' output head."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from parameterized import parameterized
 
-from scripts.layers import Filtration, FineTuning, box_mean
+from scripts.layers import EvalSigmoid, Filtration, FineTuning, box_mean
 
 
 @parameterized.expand([[1, 9, 1], [3, 5, 1], [2, 7, 6], [1, 1, 4]])
@@ -190,3 +190,19 @@ def test_fine_tuning_intensity_term_needs_the_image():
     with pytest.raises(ValueError, match="image must have shape"):
         t(torch.rand(1, 1, 4, 4, 4), False, torch.rand(1, 1, 4, 4, 3))
     assert "intensity" not in FineTuning(1).state_dict()  # checkpoints without the option stay loadable
+
+
+@parameterized.expand([[(2, 1, 5, 6, 7)], [(1, 3, 4, 4)], [(3,)]])
+def test_eval_sigmoid(shape):
+    """Logits through in training mode (gradient 1), their sigmoid in eval mode; a saturated logit keeps its
+    gradient under a loss on logits, where the sigmoid's would vanish."""
+    head = EvalSigmoid()
+    x = (torch.randn(shape) * 30).requires_grad_()
+    out = head.train()(x)
+    assert out is x
+    torch.testing.assert_close(head.eval()(x), torch.sigmoid(x))
+    target = torch.zeros(shape)
+    torch.nn.functional.binary_cross_entropy_with_logits(head.train()(x), target, reduction="sum").backward()
+    torch.testing.assert_close(x.grad, torch.sigmoid(x).detach())
+    scripted = torch.jit.script(head.eval())
+    torch.testing.assert_close(scripted(x.detach()), torch.sigmoid(x.detach()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.networks import eval_mode
 from parameterized import parameterized
 
@@ -94,6 +94,24 @@ def test_train_step_with_plain_dice():
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
     assert "offsets" not in net.state_dict()
+
+
+@parameterized.expand([[1, 1], [1, 3], [2, 2]])
+def test_train_logits(in_channels, out_channels):
+    """With ``train_logits`` training mode gives the logits (eval mode's probabilities before the sigmoid), and
+    DiceCELoss trains on them; without it both modes give probabilities."""
+    kwargs = dict(in_channels=in_channels, out_channels=out_channels, slice_batch=4, **TINY)
+    net, plain = SliceStackUNet(train_logits=True, **kwargs), SliceStackUNet(**kwargs)
+    plain.load_state_dict(net.state_dict())
+    x = torch.rand(2, in_channels, 16, 12, 6)
+    with torch.no_grad():
+        probabilities, logits = net.eval()(x), net.train()(x)
+        torch.testing.assert_close(torch.sigmoid(logits), probabilities, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(plain.train()(x), probabilities, atol=1e-5, rtol=1e-4)
+    assert float(logits.min()) < 0 or float(logits.max()) > 1
+    y = (torch.rand(2, out_channels, 16, 12, 6) > 0.5).float()
+    DiceCELoss(sigmoid=True)(net(x), y).backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
 
 
 @parameterized.expand(
