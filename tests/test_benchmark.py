@@ -16,6 +16,7 @@ from parameterized import parameterized
 from scripts import benchmark_accuracy, fused
 from scripts.benchmark import BENCHMARKS, run, run_child
 from scripts.benchmark_report import (
+    TIE_DICE,
     _b2_loss,
     _b4_errors_section,
     _loss_weights,
@@ -181,6 +182,22 @@ def test_limits_section_names_only_missed_targets():
                         {"oracle": "fbp", "test": {"dice": 0.85}}]}
     text = "\n".join(limits_section(results, ceiling))
     assert "0.640" in text and "0.850" in text and "0.700" in text
+
+
+@pytest.mark.parametrize(
+    "difference, status, tie",
+    [(0.0005, "met", True), (-0.004, "not met", True), (0.03, "met", False), (-0.03, "not met", False),
+     (None, "not measured", False)],
+)
+def test_limits_section_b4_tie(difference, status, tie):
+    """A B4 difference under TIE_DICE either way gets the accuracy paragraph and says it is a tie."""
+    targets = [{**t, "value": difference, "status": status} if t["benchmark"] == "B4" else t for t in _targets({})]
+    results = {"targets": targets, "B4": {"models": {"unet3d": {"test": {"dice": 0.7}}}}}
+    text = "\n".join(limits_section(results))
+    assert ("a tie" in text and "B4's tie" in text) == tie
+    assert ("Accuracy (B4)" in text) == (tie or status == "not met")
+    if tie:
+        assert f"{difference:+.4f}" in text and f"less than {TIE_DICE:g}" in text
 
 
 @pytest.mark.parametrize("pool_size, pooled", [(3, True), (1, False), (None, True)])
