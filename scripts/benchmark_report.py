@@ -27,8 +27,8 @@ __all__ = [
 ERROR_COLUMNS = {"precision": "precision", "recall": "recall", "thin_recall": "recall, thin vessels",
                  "thick_recall": "recall, thicker vessels", "fp_touching": "false positives touching a vessel"}
 
-# a 2.5D-minus-3D test Dice difference smaller than this is a tie, met or not: the 3D U-Net alone scored 0.673,
-# 0.682 and 0.691 in three runs of one config (README), on a test split of 6 cases
+# a 2.5D-minus-3D test Dice difference smaller than this is a tie, met or not: the 3D U-Net alone scored 0.673 to
+# 0.691 in three full runs of one config (0.8.0) and 0.700 and 0.731 in two of 0.8.1 (docs/model.md), on 6 test cases
 TIE_DICE = 0.01
 LABELS = {"unet25d": "random 2.5D U-Net", "unet3d": "3D U-Net", "slicestack": "slice-stack 2.5D", "frangi": "Frangi"}
 COLOURS = {"unet25d": "tab:blue", "unet3d": "tab:orange", "slicestack": "tab:green", "frangi": "tab:gray"}

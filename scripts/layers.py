@@ -283,8 +283,8 @@ class EvalSigmoid(nn.Module):
     the exported model (eval mode) give probabilities as the 2.5D U-Net does, so the same
     postprocessing, metrics and threshold apply; training gives the loss the logits, as MONAI's
     ``DiceCELoss(sigmoid=True)`` expects. A loss on probabilities cannot do that: where the sigmoid
-    saturates (logits beyond about ±17 in float32) its gradient is 0, and a confidently wrong voxel
-    stays wrong. The same convention as the deep-supervision heads of MONAI's ``DynUNet``, whose
+    saturates (a probability of exactly 1 in float32 above a logit of about 17, or beyond the clamp a
+    cross-entropy of probabilities needs) no gradient passes, and a confidently wrong voxel stays wrong. The same convention as the deep-supervision heads of MONAI's ``DynUNet``, whose
     output differs between training and eval mode.
 
     Shapes:
