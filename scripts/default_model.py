@@ -85,8 +85,8 @@ def _benchmark_sentence() -> str:
         return ""
     budget = b4.get("budget_s")
     at = f" after {budget:.0f} s of training each" if budget else ""
-    return (f"At equal budget on the benchmark's synthetic split the random 2.5D U-Net reached test Dice {dice['unet25d']:.3f} and "
-            f"MONAI's 3D U-Net {dice['unet3d']:.3f}{at} (`docs/benchmarks.md`, B4; the difference moves from run "
+    return (f"At equal budget on the benchmark's synthetic split the random 2.5D U-Net reached test Dice "
+            f"{dice['unet25d']:.3f} and MONAI's 3D U-Net {dice['unet3d']:.3f}{at} (`docs/benchmarks.md`, B4; the difference moves from run "
             "to run). ")
 
 
