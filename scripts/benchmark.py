@@ -41,7 +41,8 @@ import torch
 from scripts import fused
 from scripts.benchmark_operators import LOOP_SECONDS
 from scripts.benchmark_speed import bundle_unet25d
-from scripts.benchmark_report import check_targets, markdown_table, plot_all, render, size_str, speed_ratios
+from scripts.benchmark_report import (check_targets, markdown_table, merge_runs, plot_all, render, size_str,
+                                      speed_ratios)
 from scripts.synthetic import write_dataset
 
 __all__ = ["SETTINGS", "BENCHMARKS", "environment", "run_child", "measure", "run", "main"]
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = ("B1", "B2", "B3", "B4", "B5")
 MODELS = ("unet25d", "unet3d", "slicestack")
+# B4 trains these `runs` times (the two that the accuracy target compares); the slice stack once
+REPEATED = ("unet25d", "unet3d")
 # imported in the child only, so that a speed measurement does not load the accuracy code's imports
 TASKS = {
     "inference": "scripts.benchmark_speed:inference",
@@ -75,6 +78,7 @@ SETTINGS = {
         "crop": [96, 96, 96],
         "tiny": False,
         "batch": None,
+        "runs": 1,
         "num_cases": 30,
         "case_size": None,
         "case_spacing": None,
@@ -205,15 +209,20 @@ def _accuracy(s: dict, benches: set[str], threads: int, work_dir: str, seed: int
     checkpoint = os.path.join(work_dir, "unet25d.pt")
     common = {"data_dir": data_dir, "crop": s["crop"], "tiny": s["tiny"]}
     models = MODELS if "B4" in benches else ("unet25d",)
-    b4 = {"budget_s": s["budget_s"], "val_every_s": s["val_every_s"], "models": {},
+    b4 = {"budget_s": s["budget_s"], "val_every_s": s["val_every_s"], "runs": s["runs"], "models": {},
           "dataset": {"num_cases": s["num_cases"], "seed": seed, "size": s["case_size"], "spacing": s["case_spacing"],
                       "training": meta["numTraining"], "validation": meta["numValidation"], "test": meta["numTest"]}}
     for model in models:
-        step(f"B4 train {model} for {s['budget_s']:.0f} s")
-        b4["models"][model] = run_child(
-            "train", {**common, "model": model, "budget_s": s["budget_s"], "val_every_s": s["val_every_s"],
-                      "batch": s["batch"], "seed": seed, "checkpoint": checkpoint if model == "unet25d" else None},
-            threads, work_dir, f"train_{model}")
+        runs = []
+        for i in range(s["runs"] if model in REPEATED and "B4" in benches else 1):
+            step(f"B4 train {model} for {s['budget_s']:.0f} s" + (f" (run {i + 1}, seed {seed + i})" if i else ""))
+            first = i == 0  # B5 reads the first run's checkpoint
+            runs.append(run_child(
+                "train", {**common, "model": model, "budget_s": s["budget_s"], "val_every_s": s["val_every_s"],
+                          "batch": s["batch"], "seed": seed + i,
+                          "checkpoint": checkpoint if model == "unet25d" and first else None},
+                threads, work_dir, f"train_{model}" + ("" if first else f"_run{i + 1}")))
+        b4["models"][model] = merge_runs(runs)
     if "B4" in benches:
         step("B4 Frangi")
         threshold_json = os.path.join(work_dir, "frangi.json")
@@ -241,6 +250,7 @@ def run(
     seed: int = 0,
     crop: int | None = None,
     batch: int | None = None,
+    runs: int | None = None,
 ) -> str:
     """Run the benchmarks and write ``<out>/benchmarks.md``, ``<out>/benchmarks.json`` and plots.
 
@@ -256,6 +266,9 @@ def run(
         crop: edge of the cubic training crops of B4 (default 96, quick 32); smaller crops give
             every model more steps in the same budget on a CPU.
         batch: B4's crops per step, as ``batch_size`` and ``num_samples`` (default: train.json's).
+        runs: B4's trainings of the 2.5D and the 3D U-Net (training seeds ``seed``, ``seed + 1``, ...; the
+            data stay those of ``seed``): the page gives means and ranges (default 1). The slice stack
+            trains once; B5 uses the first run's 2.5D model.
 
     Returns:
         the path of the Markdown page.
@@ -276,8 +289,11 @@ def run(
         s["crop"] = [int(crop)] * 3
     if batch is not None:
         s["batch"] = int(batch)
-    if s["budget_s"] <= 0 or s["repeats"] < 1:
-        raise ValueError(f"budget must be positive and repeats at least 1, got {s['budget_s']} and {s['repeats']}.")
+    if runs is not None:
+        s["runs"] = int(runs)
+    if s["budget_s"] <= 0 or s["repeats"] < 1 or s["runs"] < 1:
+        raise ValueError(f"budget must be positive, repeats and runs at least 1, got {s['budget_s']}, "
+                         f"{s['repeats']} and {s['runs']}.")
     start = time.perf_counter()
     results = {"quick": quick, "command": "python -m scripts.benchmark " + shlex.join(sys.argv[1:]),
                "environment": environment(threads), "settings": s, "benchmarks_run": sorted(benches),

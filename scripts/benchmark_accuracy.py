@@ -256,6 +256,7 @@ def train_model(
     logger.info("B4 %s: %d steps in %.0f s, best validation Dice %.3f", model, steps, elapsed, best_dice)
     return {
         "model": model,
+        "seed": seed,
         "network": source,
         "loss": loss_words(parser),
         "parameters": sum(p.numel() for p in net.parameters()),

@@ -18,6 +18,7 @@ __all__ = [
     "target_status",
     "speed_ratios",
     "check_targets",
+    "merge_runs",
     "plot_all",
     "limits_section",
     "render",
@@ -138,6 +139,38 @@ def check_targets(results: dict, inference_size: Sequence[int], step_size: Seque
     return targets
 
 
+def merge_runs(runs: Sequence[dict]) -> dict:
+    """One B4 entry from several :func:`train_model` results of the same model (training seeds differ).
+
+    The first successful run stays whole (its curve, per-case rows and checkpoint); ``test``,
+    ``best_validation_dice``, ``steps`` and ``train_seconds`` become means over the successful runs,
+    ``test_range`` holds each test metric's ``[min, max]``, ``runs`` a summary of every run (seed,
+    steps, best validation Dice, test metrics) and ``curves`` every run's validation curve. Failed
+    runs are counted in ``failed_runs``; if all failed, the first failure is returned. One run is
+    returned as it is.
+    """
+    if not runs:
+        raise ValueError("merge_runs needs at least one run.")
+    ok = [r for r in runs if "error" not in r]
+    if len(runs) == 1 or not ok:
+        return dict(runs[0])
+    merged = dict(ok[0])
+    keys = [k for k in ok[0]["test"] if all(k in r["test"] for r in ok)]
+    merged["test"], merged["test_range"] = {}, {}
+    for k in keys:
+        values = [r["test"][k] for r in ok if math.isfinite(r["test"][k])]
+        merged["test"][k] = sum(values) / len(values) if values else math.nan
+        merged["test_range"][k] = [min(values), max(values)] if values else [math.nan, math.nan]
+    merged["best_validation_dice"] = sum(r["best_validation_dice"] for r in ok) / len(ok)
+    merged["steps"] = round(sum(r["steps"] for r in ok) / len(ok))
+    merged["train_seconds"] = sum(r["train_seconds"] for r in ok) / len(ok)
+    merged["runs"] = [{"seed": r.get("seed"), "steps": r["steps"], "best_validation_dice": r["best_validation_dice"],
+                       "test": r["test"]} for r in ok]
+    merged["curves"] = [r["curve"] for r in ok]
+    merged["failed_runs"] = len(runs) - len(ok)
+    return merged
+
+
 def _bars(ax, rows: Sequence[dict], key: str, title: str, ylabel: str) -> None:
     """Grouped bars per size (2.5D, 3D) on a log axis, each labelled with its value."""
     from matplotlib.ticker import FuncFormatter
@@ -204,9 +237,10 @@ def plot_all(results: dict, image_dir: str) -> dict[str, str]:
     if b4.get("models"):
         fig, ax = plt.subplots(figsize=(7, 4))
         for model, r in b4["models"].items():
-            curve = r.get("curve", [])
-            ax.plot([c["seconds"] for c in curve], [c["dice"] for c in curve], "o-", ms=3,
-                    label=LABELS.get(model, model), color=COLOURS.get(model))
+            for i, curve in enumerate(r.get("curves") or [r.get("curve", [])]):
+                ax.plot([c["seconds"] for c in curve], [c["dice"] for c in curve], "o-", ms=3,
+                        alpha=1.0 if i == 0 else 0.5, label=None if i else LABELS.get(model, model),
+                        color=COLOURS.get(model))
         frangi = b4.get("frangi", {}).get("validation", {}).get("dice")
         if frangi is not None:
             ax.axhline(frangi, color=COLOURS["frangi"], ls="--", label="Frangi (fitted threshold)")
@@ -307,8 +341,14 @@ def _b4_section(b4: dict) -> str:
         if "error" in r:
             rows.append([LABELS.get(model, model), f"failed: {r['error']}"] + ["–"] * 7)
             continue
-        t = r["test"]
-        rows.append([LABELS[model], fmt(t["dice"], ".3f"), fmt(t["cldice"], ".3f"), fmt(t["hd95"], ".2f"),
+        t, spread = r["test"], r.get("test_range", {})
+
+        def cell(key: str, spec: str) -> str:
+            low, high = spread.get(key, (None, None))
+            return fmt(t[key], spec) + ("" if low is None else f" ({fmt(low, spec)}–{fmt(high, spec)})")
+
+        name = LABELS[model] + (f", {len(r['runs'])} runs" if "runs" in r else "")
+        rows.append([name, cell("dice", ".3f"), cell("cldice", ".3f"), cell("hd95", ".2f"),
                      fmt(r["best_validation_dice"], ".3f"), str(r["steps"]), fmt(r["train_seconds"], ".0f"),
                      f"{r['parameters']:,}", fmt(r.get("process_peak_rss_mb"), ".0f")])
     f = b4.get("frangi", {})
@@ -323,7 +363,19 @@ def _b4_section(b4: dict) -> str:
               "parameters", "training peak RSS (MiB)"]
     sources = "; ".join(f"{LABELS.get(m, m)}: {r.get('network', '?')}" + (f", `{r['loss']}`" if "loss" in r else "")
                         for m, r in b4.get("models", {}).items())
-    return markdown_table(header, rows) + f"\n\nNetworks and losses from: {sources}."
+    text = markdown_table(header, rows) + f"\n\nNetworks and losses from: {sources}."
+    repeated = [LABELS.get(m, m) for m, r in b4.get("models", {}).items() if "runs" in r]
+    if repeated:
+        seeds = sorted({run["seed"] for r in b4["models"].values() for run in r.get("runs", [])
+                        if run.get("seed") is not None})
+        text += (f" The {' and the '.join(repeated)} trained {b4.get('runs', 'several')} times on the same data "
+                 f"(training seeds {', '.join(map(str, seeds))}: other initial weights, crops and direction "
+                 "subsets): their rows give the means over the runs, the test metrics with their range (lowest–"
+                 "highest run) in brackets; steps and training seconds are means, the peak memory is the first run's.")
+        failed = {LABELS.get(m, m): r["failed_runs"] for m, r in b4["models"].items() if r.get("failed_runs")}
+        if failed:
+            text += " Failed runs, left out of the means: " + ", ".join(f"{m} {n}" for m, n in failed.items()) + "."
+    return text
 
 
 def _b4_errors_section(b4: dict) -> str:
@@ -336,7 +388,9 @@ def _b4_errors_section(b4: dict) -> str:
         return ""
     rows = [[name] + [fmt(t.get(k), ".3f") for k in ERROR_COLUMNS] for name, t in entries]
     header = ["model", *ERROR_COLUMNS.values()]
-    return (markdown_table(header, rows) + "\n\nMeans over the test cases, in voxels of each case's own grid "
+    runs = " (and over the runs, for a model trained several times)" if any(
+        "runs" in r for r in b4.get("models", {}).values()) else ""
+    return (markdown_table(header, rows) + f"\n\nMeans over the test cases{runs}, in voxels of each case's own grid "
             "(`scripts.metrics.error_breakdown`): *thin* vessels are at most about 2 voxels across (largest "
             "inside distance within 2 voxels at most 1); *touching*: the share of false-positive voxels with a "
             "true voxel among their 26 neighbours (boundary errors rather than detections astray).")
@@ -612,8 +666,10 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
         b5 = results["B5"]
         rows = [[str(r["p"]), fmt(r["dice"], ".3f"), fmt(r["seconds_per_case"], ".3f"), fmt(r["increase_mb"], ".0f")]
                 for r in b5.get("rows", [])]
+        first = " of the first run" if "runs" in results.get("B4", {}).get("models", {}).get("unet25d", {}) else ""
         lines += ["## B5 directions at inference", "",
-                  f"The B4 2.5D model (trained for {fmt(s.get('budget_s'), '.0f')} s with p = {b5.get('trained_p')}) "
+                  f"The B4 2.5D model{first} (trained for {fmt(s.get('budget_s'), '.0f')} s with p = "
+                  f"{b5.get('trained_p')}) "
                   "with `num_directions` set to p at "
                   f"inference, on the {b5.get('num_test_cases')} test case(s): mean Dice, median seconds per case "
                   "(forward only, after a warm-up pass over the cases) and peak RSS increase.",

@@ -19,10 +19,12 @@ from scripts.benchmark_report import (
     TIE_DICE,
     _b2_loss,
     _b4_errors_section,
+    _b4_section,
     _loss_weights,
     _network_25d,
     limits_section,
     check_targets,
+    merge_runs,
     fmt,
     markdown_table,
     ratio,
@@ -349,6 +351,43 @@ def test_b4_error_breakdown_in_table_and_limits(thin_25d, thick_25d, where):
     assert "Where the errors are" not in "\n".join(limits_section(results))
 
 
+def _run(seed: int, dice: float, hd95: float, steps: int) -> dict:
+    return {"model": "unet25d", "seed": seed, "steps": steps, "train_seconds": 600.0 + seed,
+            "best_validation_dice": dice + 0.05, "curve": [{"seconds": 0.0, "dice": 0.1}], "parameters": 10,
+            "test": {"dice": dice, "cldice": dice - 0.1, "hd95": hd95}, "test_per_case": [{"dice": dice}]}
+
+
+@pytest.mark.parametrize("dices, failed", [([0.7], 0), ([0.6, 0.8], 0), ([0.6, 0.7, 0.8], 0), ([0.6, 0.8], 1)])
+def test_merge_runs_means_ranges_and_failures(dices, failed):
+    """Several B4 trainings of a model become means, ranges and per-run summaries; failed runs are counted, not
+    averaged; the first successful run keeps its curve and per-case rows."""
+    runs = [{"error": "killed"}] * failed + [_run(i, d, float("nan") if i == 0 else 5.0 + i, 100 * (i + 1))
+                                             for i, d in enumerate(dices)]
+    merged = merge_runs(runs)
+    if len(runs) == 1:
+        assert merged == runs[0] and "runs" not in merged
+        return
+    assert merged["test"]["dice"] == pytest.approx(sum(dices) / len(dices))
+    assert merged["test_range"]["dice"] == [min(dices), max(dices)]
+    hd = [5.0 + i for i in range(1, len(dices))]  # the first run's nan is left out of its mean and range
+    assert merged["test"]["hd95"] == pytest.approx(sum(hd) / len(hd))
+    assert merged["test_range"]["hd95"] == [hd[0], hd[-1]]
+    assert merged["steps"] == round(sum(100 * (i + 1) for i in range(len(dices))) / len(dices))
+    assert [r["seed"] for r in merged["runs"]] == list(range(len(dices))) and len(merged["curves"]) == len(dices)
+    assert merged["test_per_case"] == [{"dice": dices[0]}] and merged["failed_runs"] == failed
+    table = _b4_section({"runs": len(runs), "models": {"unet25d": merged}})
+    assert f"random 2.5D U-Net, {len(dices)} runs" in table
+    assert f"{sum(dices) / len(dices):.3f} ({min(dices):.3f}–{max(dices):.3f})" in table
+    assert f"training seeds {', '.join(map(str, range(len(dices))))}" in table
+    assert ("Failed runs, left out of the means: random 2.5D U-Net 1." in table) == bool(failed)
+
+
+def test_merge_runs_all_failed_or_none():
+    assert merge_runs([{"error": "a"}, {"error": "b"}]) == {"error": "a"}
+    with pytest.raises(ValueError):
+        merge_runs([])
+
+
 def test_memory_probe_sees_an_allocation():
     probe = MemoryProbe()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
@@ -381,13 +420,15 @@ def test_run_rejects_bad_options(tmp_path):
         run(quick=True, out=str(tmp_path), only="B9")
     with pytest.raises(ValueError):
         run(quick=True, out=str(tmp_path), budget=0)
+    with pytest.raises(ValueError):
+        run(quick=True, out=str(tmp_path), runs=0)
 
 
 def test_quick_run_writes_page_json_and_plots(tmp_path):
     out = tmp_path / "bench"
     # one thread, a 2 s budget and one repeat keep this near a minute and a half on 2 busy cores
     cmd = [sys.executable, "-m", "scripts.benchmark", "--quick", f"--out={out}", "--budget=2", "--repeats=1",
-           "--threads=1"]
+           "--threads=1", "--runs=2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "benchmarks.json").read_text())
@@ -404,6 +445,13 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     assert set(results["B4"]["models"]) == {"unet25d", "unet3d", "slicestack"}
     for r in results["B4"]["models"].values():
         assert "error" not in r and r["steps"] >= 1 and 0 <= r["test"]["dice"] <= 1 and r["curve"]
+    # the two models of the accuracy target trained twice (seeds 0 and 1), the slice stack once
+    assert results["B4"]["runs"] == 2 and "runs" not in results["B4"]["models"]["slicestack"]
+    for model in ("unet25d", "unet3d"):
+        r = results["B4"]["models"][model]
+        assert [run["seed"] for run in r["runs"]] == [0, 1] and len(r["curves"]) == 2
+        low, high = r["test_range"]["dice"]
+        assert low <= r["test"]["dice"] <= high
     # every model says which loss it trained with, and the page repeats it
     losses = {m: r["loss"] for m, r in results["B4"]["models"].items()}
     assert losses["unet25d"].startswith("TwoPathDiceLoss(") and losses["unet3d"].startswith("DiceCELoss(")
@@ -421,6 +469,7 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     assert ("fused C++ kernels" if results["fused_kernels"] else "could not be built") in page
     assert "**Quick run**" in page and "--quick" in page
     assert page.count(f"`{losses['unet3d']}`") >= 2  # B2 and B4
+    assert "random 2.5D U-Net, 2 runs" in page and "training seeds 0, 1" in page
     assert f"under {1000 * LOOP_SECONDS:g} ms until it lasts" in page
     plots = ("benchmark_speed.png", "benchmark_operators.png", "benchmark_accuracy.png", "benchmark_directions.png")
     for name in plots:

@@ -66,21 +66,26 @@ def test_recipe_trains_and_evaluates(tmp_path):
         default_model.run(update_docs=True, settings=tiny)
 
 
-@pytest.mark.parametrize("with_b4, with_ceiling", [(True, True), (True, False), (False, True), (False, False)])
-def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b4, with_ceiling):
-    """The comparison under the default model's tables quotes docs/benchmarks.json and docs/ceiling.json,
-    or is left out."""
+@pytest.mark.parametrize("with_b4, with_ceiling, runs", [(True, True, 1), (True, False, 1), (False, True, 1),
+                                                         (False, False, 1), (True, True, 3)])
+def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b4, with_ceiling, runs):
+    """The comparison under the default model's tables quotes docs/benchmarks.json (means where B4 trained each
+    model several times) and docs/ceiling.json, or is left out."""
     import json
 
     os.makedirs(tmp_path / "docs")
     if with_b4:
         models = {"unet25d": {"test": {"dice": 0.6123}}, "unet3d": {"test": {"dice": 0.6789}}}
+        if runs > 1:
+            for entry in models.values():
+                entry["runs"] = [{"seed": i} for i in range(runs)]
         (tmp_path / "docs" / "benchmarks.json").write_text(json.dumps({"B4": {"budget_s": 300.0, "models": models}}))
     if with_ceiling:
         rows = [{"oracle": "hull", "test": {"dice": 0.55}}, {"oracle": "fbp", "test": {"dice": 0.9}}]
         (tmp_path / "docs" / "ceiling.json").write_text(json.dumps({"rows": rows}))
     monkeypatch.setattr(default_model, "BUNDLE_ROOT", str(tmp_path))
     text = default_model._doc_text({"test": "T", "validation": "V"}, "data")
-    assert ("test Dice 0.612 and MONAI's 3D U-Net 0.679 after 300 s" in text) == with_b4
+    assert ("test Dice 0.612 and MONAI's 3D U-Net 0.679 after 300 s" in text) == (with_b4 and runs == 1)
+    assert ("mean test Dice over 3 trainings 0.612 and MONAI's 3D U-Net 0.679" in text) == (with_b4 and runs == 3)
     assert ("would reach only 0.55 test Dice" in text) == with_ceiling
     assert text.endswith("retrain on your own data for real use.")
