@@ -54,26 +54,40 @@ def _index_dtype(height: int, width: int) -> torch.dtype:
     return torch.int32 if height * width < 2**31 else torch.int64
 
 
+def _projection_table(
+    height: int, width: int, theta: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]:
+    """:func:`scripts.geometry.projection_table` with the indices as :func:`_index_dtype`."""
+    first, offset, weight, inside, step = projection_table(height, width, theta, device, dtype)
+    return first.to(_index_dtype(height, width)), offset, weight, inside, step
+
+
 @lru_cache(maxsize=64)
 def _cached_projection_tables(
     height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
 ) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, float]]:
-    tables = []
-    for t in direction_angles(num_directions):
-        first, offset, weight, inside, step = projection_table(height, width, t, device, dtype)
-        tables.append((first.to(_index_dtype(height, width)), offset, weight, inside, step))
-    return tables
+    return [_projection_table(height, width, t, device, dtype) for t in direction_angles(num_directions)]
 
 
 @lru_cache(maxsize=64)
+def _stacked_backprojection_tables(
+    height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every direction's backprojection index and weight, ``(p, H * W)`` each: the fused kernel's
+    input as it is, so that a call over all directions copies nothing."""
+    index = torch.empty(num_directions, height * width, dtype=_index_dtype(height, width), device=device)
+    weight = torch.empty(num_directions, height * width, dtype=dtype, device=device)
+    for k, t in enumerate(direction_angles(num_directions)):
+        index[k], weight[k] = backprojection_table(height, width, t, device, dtype)
+    return index, weight
+
+
 def _cached_backprojection_tables(
     height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    tables = []
-    for t in direction_angles(num_directions):
-        index, weight = backprojection_table(height, width, t, device, dtype)
-        tables.append((index.to(_index_dtype(height, width)), weight))
-    return tables
+    """Per direction, views of :func:`_stacked_backprojection_tables`."""
+    index, weight = _stacked_backprojection_tables(height, width, num_directions, device, dtype)
+    return list(zip(index.unbind(0), weight.unbind(0)))
 
 
 @lru_cache(maxsize=64)
@@ -186,14 +200,26 @@ class Projection(nn.Module):
 
     @torch.jit.unused
     def _project_eager(self, x: torch.Tensor, num_directions: int, dirs: list[int], n_s: int) -> torch.Tensor:
-        """``(p', N_s, B * C * D)`` with the cached tables: the fused kernel where it is available."""
+        """``(p', N_s, B * C * D)``: the fused kernel where it is available.
+
+        Where a gradient is recorded (training) the sampling tables are cached per shape; without one
+        (inference) each direction's table is built when it is needed and dropped after it (about a
+        millisecond per direction at 256 x 256), so the peak holds one direction's table, not p.
+        """
         b, c, h, w, d = x.shape
-        all_tables = _eager_projection_tables(h, w, num_directions, x.device, x.dtype)
-        tables = [all_tables[k] for k in dirs]
+        streamed = not torch.is_grad_enabled()
+        if streamed:
+            angles = direction_angles(num_directions)
+            tables = (_projection_table(h, w, angles[k], x.device, x.dtype) for k in dirs)
+        else:
+            all_tables = _eager_projection_tables(h, w, num_directions, x.device, x.dtype)
+            tables = (all_tables[k] for k in dirs)
         kernels = fused.available(x)
         with torch.no_grad():
             if kernels is None:
-                return self._project(x, tables, n_s)
+                if streamed:
+                    return torch.cat([self._project(x, [table], n_s) for table in tables])
+                return self._project(x, list(tables), n_s)
             plane = x.permute(2, 3, 0, 1, 4).reshape(h * w, b * c * d).contiguous()
             fill = _fill(x, self.reduction).reshape(-1).contiguous()
             code = REDUCTIONS.index(self.reduction)
@@ -301,6 +327,17 @@ def _backproject(
 
 
 @torch.jit.unused
+def _stacked(tables: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p', H * W)`` index and weight of ``tables``: the cached stack itself when ``tables`` are all of its
+    rows in order (views of :func:`_stacked_backprojection_tables`), else a copy."""
+    base = tables[0][0]._base
+    if (base is not None and base.shape[0] == len(tables) and tables[0][1]._base is not None
+            and all(t[0].data_ptr() == base[k].data_ptr() for k, t in enumerate(tables))):
+        return base, tables[0][1]._base
+    return torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
+
+
+@torch.jit.unused
 def _backproject_eager(
     q: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]], height: int, width: int
 ) -> torch.Tensor:
@@ -310,8 +347,7 @@ def _backproject_eager(
         return _backproject(q, tables, height, width)
     b, p, k, n_s, d = q.shape
     detector = q.detach().permute(1, 3, 0, 2, 4).reshape(p, n_s, b * k * d).contiguous()
-    index = torch.stack([t[0] for t in tables])
-    weight = torch.stack([t[1] for t in tables])
+    index, weight = _stacked(tables)
     out = kernels.backproject(detector, index, weight)
     return out.view(height, width, b, k, d).permute(2, 3, 0, 1, 4).contiguous()
 

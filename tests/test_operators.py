@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 from parameterized import parameterized
 
+from scripts import fused, operators
 from scripts.geometry import detector_size, direction_angles, rotation_centre
 from scripts.operators import REDUCTIONS, Backprojection, Projection
 
@@ -151,6 +153,36 @@ def test_backprojection_of_a_batch_is_per_item(h, w, d, p):
 def test_chunking_does_not_change_results():
     x = torch.rand(1, 1, 37, 29, 6)
     assert torch.allclose(Projection(chunk_elements=1)(x, 5), Projection()(x, 5))
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("directions", [None, [1, 4]])
+def test_inference_projection_streams_tables(kernels, reduction, directions):
+    """Without a gradient M builds each direction's table when it needs it instead of caching all p: the same
+    projections as the cached tables of training give, and nothing new in the cache."""
+    x = torch.rand(2, 1, 41, 23, 3)  # a shape no other test caches
+    m = Projection(reduction)
+    operators._cached_projection_tables.cache_clear()
+    with contextlib.nullcontext() if kernels else fused.disabled():
+        with torch.no_grad():
+            streamed = m(x, 6, directions)
+        assert operators._cached_projection_tables.cache_info().currsize == 0
+        cached = m(x, 6, directions)
+    assert operators._cached_projection_tables.cache_info().currsize == 1
+    assert torch.equal(streamed, cached)
+
+
+@pytest.mark.parametrize("directions", [None, [0, 2, 3], [3, 1]])
+def test_backprojection_over_all_directions_reads_the_cached_stack(directions):
+    """R's fused call over all p directions in order passes the cached (p, H * W) tables themselves (no copy);
+    a subset gets a copy of its rows; the values are the same either way."""
+    index, weight = operators._stacked_backprojection_tables(9, 14, 4, torch.device("cpu"), torch.float32)
+    tables = operators._cached_backprojection_tables(9, 14, 4, torch.device("cpu"), torch.float32)
+    dirs = list(range(4)) if directions is None else directions
+    got_index, got_weight = operators._stacked([tables[k] for k in dirs])
+    assert torch.equal(got_index, index[dirs]) and torch.equal(got_weight, weight[dirs])
+    assert (got_index.data_ptr() == index.data_ptr()) == (directions is None)
 
 
 @parameterized.expand(
