@@ -164,7 +164,9 @@ def run(
     if os.path.isfile(benchmarks_json):
         with open(benchmarks_json) as f:
             b4 = json.load(f).get("B4", {})
-        trained = {m: r["test"] for m, r in b4.get("models", {}).items() if "test" in r}
+        # a model B4 trained several times: the means over its runs, and how many
+        trained = {m: {**r["test"], **({"runs": len(r["runs"])} if "runs" in r else {})}
+                   for m, r in b4.get("models", {}).items() if "test" in r}
     result = {
         "command": f"python -m scripts.benchmark_ceiling --data_dir {data_dir} --out {out}",
         "date": datetime.date.today().isoformat(),
@@ -213,7 +215,8 @@ def render(result: dict) -> str:
         lines += ["", "The trained models of the same split (B4 of `docs/benchmarks.json`, for comparison):", "",
                   "| model | test Dice | test clDice | test HD95 (mm) |", "|---|---|---|---|"]
         for m, t in result["trained_b4"].items():
-            lines.append(f"| {names.get(m, m)} | {t['dice']:.3f} | {t['cldice']:.3f} | {t['hd95']:.2f} |")
+            name = names.get(m, m) + (f", mean of {t['runs']} runs" if t.get("runs", 1) > 1 else "")
+            lines.append(f"| {name} | {t['dice']:.3f} | {t['cldice']:.3f} | {t['hd95']:.2f} |")
     hull = [r for r in result["rows"] if r["oracle"] == "hull"]
     fbp = [r for r in result["rows"] if r["oracle"] == "fbp"]
     if hull and fbp:

@@ -175,7 +175,8 @@ on all `p` projections (padded to multiples of 16), for scale.
   the bilinear interpolation in the H×W plane is a linear interpolation between two
   neighbours of a row: two row gathers and one `lerp` per sample. Directions 0 and π/2
   read the grid exactly (the rotation centre is a voxel, detector bins are at integer `s`).
-- Sampling indices and weights are computed once per `(H, W, p)` and cached.
+- Sampling indices and weights are computed once per `(H, W, p)` and cached (at inference `M`
+  builds those of a large plane one direction at a time instead, `scripts.operators.STREAM_TABLE_BYTES`).
 - Work runs in chunks of rows sized to stay in cache, into buffers allocated once per
   call (on this machine a fresh large allocation costs more in page faults than the
   arithmetic); there is no intermediate of size `p·N_s²·D`, nor even `N_s²·D`.

@@ -4,8 +4,11 @@ Both work on any ``H x W x D`` (odd, non-cubic), any batch and channel count and
 subset of the ``p`` directions ``theta_k = k * pi / p`` (see ``scripts.geometry``). The
 z axis (last) stays contiguous: the plane is flattened to ``H * W`` rows of whole
 z-columns (batch and channels folded in), so every sample is one row gather, and the
-sampling tables are computed once per shape (cached in eager mode, with int32 indices). Work runs in chunks
-of rows small enough to stay in cache, into buffers allocated once per call.
+sampling tables have int32 indices. In eager mode they are cached per shape, except ``M``'s
+where no gradient is recorded (inference) and all p of them would take more than
+:data:`STREAM_TABLE_BYTES`: those are built one direction at a time and dropped, so the
+memory held on large planes does not grow with p. Work runs in chunks of rows small enough
+to stay in cache, into buffers allocated once per call.
 
 ``M`` is not differentiable (its input, the image, needs no gradient). ``R`` is linear,
 has an exact adjoint ``R*`` (:meth:`Backprojection.adjoint`, used as its gradient) and
@@ -33,6 +36,10 @@ __all__ = ["Projection", "Backprojection", "REDUCTIONS", "CHUNK_ELEMENTS", "expo
 
 REDUCTIONS = ("max", "sum", "min")
 CHUNK_ELEMENTS = 1 << 20  # default working-buffer size: about 4 MB of float32, stays in cache
+# M's tables of all directions above this size are built one direction at a time where no gradient is recorded
+# (inference): 12.8 MiB for 16 directions of a 256 x 256 plane. Below it they are cached, since building them costs
+# about 0.1 ms per direction and small planes, whose projections are quick, would pay that on every call.
+STREAM_TABLE_BYTES = 4 << 20
 
 
 def _select(num_directions: int, directions: list[int] | None) -> list[int]:
@@ -60,6 +67,12 @@ def _projection_table(
     """:func:`scripts.geometry.projection_table` with the indices as :func:`_index_dtype`."""
     first, offset, weight, inside, step = projection_table(height, width, theta, device, dtype)
     return first.to(_index_dtype(height, width)), offset, weight, inside, step
+
+
+def _projection_table_bytes(height: int, width: int, num_directions: int) -> int:
+    """About the bytes of ``M``'s tables for all directions: per sample an int32 index, a float32 weight
+    and a bool, ``max(H, W)`` rows of ``N_s`` samples per direction."""
+    return num_directions * max(height, width) * detector_size(height, width) * 9
 
 
 @lru_cache(maxsize=64)
@@ -202,12 +215,13 @@ class Projection(nn.Module):
     def _project_eager(self, x: torch.Tensor, num_directions: int, dirs: list[int], n_s: int) -> torch.Tensor:
         """``(p', N_s, B * C * D)``: the fused kernel where it is available.
 
-        Where a gradient is recorded (training) the sampling tables are cached per shape; without one
-        (inference) each direction's table is built when it is needed and dropped after it (about a
-        millisecond per direction at 256 x 256), so the peak holds one direction's table, not p.
+        Where a gradient is recorded (training) the sampling tables are cached per shape. Without one
+        (inference), where the tables of all p directions would take more than :data:`STREAM_TABLE_BYTES`,
+        each direction's table is built when it is needed and dropped after it (about a millisecond per
+        direction at 256 x 256), so the peak holds one direction's table, not p.
         """
         b, c, h, w, d = x.shape
-        streamed = not torch.is_grad_enabled()
+        streamed = not torch.is_grad_enabled() and _projection_table_bytes(h, w, num_directions) > STREAM_TABLE_BYTES
         if streamed:
             angles = direction_angles(num_directions)
             tables = (_projection_table(h, w, angles[k], x.device, x.dtype) for k in dirs)

@@ -74,3 +74,14 @@ def test_run_writes_page_and_json(tmp_path):
     page = (tmp_path / "docs" / "ceiling.md").read_text()
     assert page == render(saved) and "| hull | - | 4 |" in page
     assert os.path.isfile(os.path.join(data, "dataset.json"))
+
+
+@pytest.mark.parametrize("runs", [None, 1, 3])
+def test_page_names_the_runs_behind_a_trained_model(runs):
+    """The trained models' table says when a row is a mean over several B4 runs (older results have no count)."""
+    test = {"dice": 0.7, "cldice": 0.6, "hd95": 4.0, **({"runs": runs} if runs else {})}
+    result = {"command": "c", "date": "d", "torch": "t", "cases": {"validation": 1, "test": 1}, "rows": [],
+              "trained_b4": {"unet25d": test}}
+    page = render(result)
+    assert "| random 2.5D U-Net (trained" in page and "| 0.700 | 0.600 | 4.00 |" in page
+    assert ("mean of 3 runs" in page) == (runs == 3) and "mean of 1" not in page

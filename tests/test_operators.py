@@ -158,19 +158,23 @@ def test_chunking_does_not_change_results():
 @pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("directions", [None, [1, 4]])
-def test_inference_projection_streams_tables(kernels, reduction, directions):
-    """Without a gradient M builds each direction's table when it needs it instead of caching all p: the same
-    projections as the cached tables of training give, and nothing new in the cache."""
-    x = torch.rand(2, 1, 41, 23, 3)  # a shape no other test caches
+@pytest.mark.parametrize("large", [True, False])
+def test_inference_projection_streams_large_tables(kernels, reduction, directions, large, monkeypatch):
+    """Without a gradient M builds each direction's table when it needs it, instead of caching all p, where they
+    would be larger than STREAM_TABLE_BYTES: the same projections as the cached tables of training give, and
+    nothing new in the cache; smaller tables are cached."""
+    x = torch.rand(2, 1, 41, 23, 3)
+    assert operators._projection_table_bytes(41, 23, 6) == 6 * 41 * detector_size(41, 23) * 9
+    monkeypatch.setattr(operators, "STREAM_TABLE_BYTES", 1000 if large else 10**9)
     m = Projection(reduction)
     operators._cached_projection_tables.cache_clear()
     with contextlib.nullcontext() if kernels else fused.disabled():
         with torch.no_grad():
-            streamed = m(x, 6, directions)
-        assert operators._cached_projection_tables.cache_info().currsize == 0
-        cached = m(x, 6, directions)
+            inference = m(x, 6, directions)
+        assert operators._cached_projection_tables.cache_info().currsize == (0 if large else 1)
+        training = m(x, 6, directions)
     assert operators._cached_projection_tables.cache_info().currsize == 1
-    assert torch.equal(streamed, cached)
+    assert torch.equal(inference, training)
 
 
 @pytest.mark.parametrize("directions", [None, [0, 2, 3], [3, 1]])
