@@ -470,7 +470,9 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
                      "visual hull of the true MIP masks, [ceiling.md](ceiling.md)): voxels in the shadow of other "
                      "vessels from every direction cannot be told from vessel.")
             if "unet3d" in models and "test" in models["unet3d"]:
-                text += f" The 3D U-Net of this run reaches {models['unet3d']['test']['dice']:.3f}."
+                runs = len(models["unet3d"].get("runs", []))
+                text += (f" The 3D U-Net of this run reaches {models['unet3d']['test']['dice']:.3f}"
+                         + (f" (mean of {runs} trainings)." if runs > 1 else "."))
             text += (f" Ray sums with a ramp-filtered backprojection would allow {best_fbp:.3f} (same page): "
                      "the information a MIP keeps, not the backprojection, is the limit.")
             reduction = _network_value(results, "reduction", "max")
@@ -500,7 +502,8 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
                     "make a few slabs of temporaries" if _network_value(results, "contrast_size", 0) else "")
         lines.append(
             "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (`R` writes it, `T` "
-            f"overwrites it in place{contrast}), the sampling tables of `M` and `R` (int32, cached per shape), "
+            f"overwrites it in place{contrast}), the sampling tables of `R` and, for small planes, "
+            "of `M` (int32, cached per shape; `M` builds a large plane's one direction at a time), "
             "`U`'s feature maps for `direction_batch` projections at once (1 in the bundle's configs), and the "
             "heap blocks that glibc keeps after those feature maps are freed ("
             f"{'see below; ' if live else ''}the figure varies from run to run for that reason). The 3D U-Net's "

@@ -341,6 +341,11 @@ def test_b4_error_breakdown_in_table_and_limits(thin_25d, thick_25d, where):
     assert where in text
     assert f"finds {thin_25d:.0%} of the voxels of thin vessels" in text and "55% of the 2.5D" in text
     assert "(3D U-Net 80%)" in text and "precision 0.61 against 0.72" in text
+    assert "mean of" not in text  # one training each
+    b4["models"]["unet3d"]["runs"] = [{"seed": 0}, {"seed": 1}]
+    assert "reaches 0.600 (mean of 2 trainings)." in "\n".join(limits_section(results, {"rows": [
+        {"oracle": "hull", "test": {"dice": 0.64}}, {"oracle": "fbp", "test": {"dice": 0.86}}]}))
+    del b4["models"]["unet3d"]["runs"]
     table = _b4_errors_section(b4)
     assert table.count("\n| ") == 3  # the rows after the header: two models and Frangi
     assert "| Frangi | 0.400 |" in table
