@@ -152,13 +152,6 @@ def _eager_projection_tables(
     return _cached_projection_tables(height, width, num_directions, device, dtype)
 
 
-@torch.jit.unused
-def _eager_backprojection_tables(
-    height: int, width: int, num_directions: int, device: torch.device, dtype: torch.dtype
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return _cached_backprojection_tables(height, width, num_directions, device, dtype)
-
-
 class Projection(nn.Module):
     """``M``: parallel projections of a volume about its z axis, batched over directions.
 
@@ -341,27 +334,19 @@ def _backproject(
 
 
 @torch.jit.unused
-def _stacked(tables: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(p', H * W)`` index and weight of ``tables``: the cached stack itself when ``tables`` are all of its
-    rows in order (views of :func:`_stacked_backprojection_tables`), else a copy."""
-    base = tables[0][0]._base
-    if (base is not None and base.shape[0] == len(tables) and tables[0][1]._base is not None
-            and all(t[0].data_ptr() == base[k].data_ptr() for k, t in enumerate(tables))):
-        return base, tables[0][1]._base
-    return torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
-
-
-@torch.jit.unused
-def _backproject_eager(
-    q: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]], height: int, width: int
-) -> torch.Tensor:
-    """:func:`_backproject` with the fused kernel where it is available (same values, one pass)."""
+def _backproject_eager(q: torch.Tensor, height: int, width: int, num_directions: int, dirs: list[int]) -> torch.Tensor:
+    """:func:`_backproject` with the cached tables, the fused kernel where it is available (same values, one
+    pass). Over all directions in order the kernel reads the cached ``(p, H * W)`` tables themselves; a subset
+    gets a copy of its rows."""
     kernels = fused.available(q)
     if kernels is None:
-        return _backproject(q, tables, height, width)
+        tables = _cached_backprojection_tables(height, width, num_directions, q.device, q.dtype)
+        return _backproject(q, [tables[k] for k in dirs], height, width)
+    index, weight = _stacked_backprojection_tables(height, width, num_directions, q.device, q.dtype)
+    if dirs != list(range(num_directions)):
+        index, weight = index[dirs], weight[dirs]
     b, p, k, n_s, d = q.shape
     detector = q.detach().permute(1, 3, 0, 2, 4).reshape(p, n_s, b * k * d).contiguous()
-    index, weight = _stacked(tables)
     out = kernels.backproject(detector, index, weight)
     return out.view(height, width, b, k, d).permute(2, 3, 0, 1, 4).contiguous()
 
@@ -398,25 +383,22 @@ class _BackprojectionFunction(torch.autograd.Function):
     """Autograd of ``R``: the gradient of a linear map is its adjoint."""
 
     @staticmethod
-    def forward(ctx, q, tables, matrices, height, width):  # type: ignore[override]
+    def forward(ctx, q, matrices, height, width, num_directions, dirs):  # type: ignore[override]
         ctx.matrices = matrices
-        return _backproject_eager(q, tables, height, width)
+        return _backproject_eager(q, height, width, num_directions, dirs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        return _adjoint(grad.contiguous(), ctx.matrices), None, None, None, None
+        return _adjoint(grad.contiguous(), ctx.matrices), None, None, None, None, None
 
 
 @torch.jit.unused
 def _backproject_with_grad(
     q: torch.Tensor, height: int, width: int, num_directions: int, dirs: list[int]
 ) -> torch.Tensor:
-    tables = _cached_backprojection_tables(height, width, num_directions, q.device, q.dtype)
     matrices = _cached_adjoint_matrices(height, width, num_directions, q.device, q.dtype)
-    return _BackprojectionFunction.apply(
-        q, [tables[k] for k in dirs], [matrices[k] for k in dirs], height, width
-    )
+    return _BackprojectionFunction.apply(q, [matrices[k] for k in dirs], height, width, num_directions, dirs)
 
 
 class Backprojection(nn.Module):
@@ -461,8 +443,7 @@ class Backprojection(nn.Module):
             return _backproject_exported(q, height, width, num_directions, dirs)
         if torch.is_grad_enabled() and q.requires_grad:
             return _backproject_with_grad(q, height, width, num_directions, dirs)
-        tables = _eager_backprojection_tables(height, width, num_directions, q.device, q.dtype)
-        return _backproject_eager(q, [tables[k] for k in dirs], height, width)
+        return _backproject_eager(q, height, width, num_directions, dirs)
 
     @torch.jit.unused
     def adjoint(self, v: torch.Tensor, num_directions: int, directions: list[int] | None = None) -> torch.Tensor:
