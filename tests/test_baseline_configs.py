@@ -171,6 +171,8 @@ def test_config_resolves(baseline, workflow, data, tmp_path):
     if baseline == "unet3d":
         assert isinstance(inferer, SlidingWindowInferer)
         assert tuple(inferer.roi_size) == (96, 96, 96) and inferer.overlap == 0.25
+        # MONAI's padding up to the window: the 3D U-Net's input must divide by its total stride
+        assert getattr(inferer, "fit_to_image", False) is False
     elif baseline == "slicestack":
         assert isinstance(inferer, SlidingWindowInferer) and tuple(inferer.roi_size) == (-1, -1, -1)
     else:
