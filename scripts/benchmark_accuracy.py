@@ -38,7 +38,7 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from scripts.benchmark_report import ERROR_COLUMNS
-from scripts.benchmark_speed import MemoryProbe, inference_directions
+from scripts.benchmark_speed import MemoryProbe, bundle_inferer, inference_settings
 from scripts.data import load_datalist
 from scripts.frangi import FrangiSegmenter, fit
 from scripts.layers import EvalSigmoid
@@ -109,12 +109,17 @@ def model_parser(model: str, crop: Sequence[int], tiny: bool, batch: int | None 
 
 
 def _predictor(net: torch.nn.Module, crop: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Probabilities of a ``(1, 1, H, W, D)`` tensor: whole volume for the 2.5D models, windows for 3D.
+    """Probabilities of a ``(1, 1, H, W, D)`` tensor: the random 2.5D U-Net in the sliding windows of
+    ``configs/inference.json`` (as the bundle infers), the slice stack on the whole volume (one slice and its
+    neighbours at a time), other networks in windows of the crop size.
 
     A network that ends in logits (not a 2.5D model, not ``Sequential(..., Sigmoid())`` or
     ``Sequential(..., EvalSigmoid())`` in eval mode) gets the sigmoid.
     """
-    if isinstance(net, (UNet25D, SliceStackUNet)):
+    if isinstance(net, UNet25D):
+        windows = bundle_inferer()
+        return lambda x: windows(x, net)
+    if isinstance(net, SliceStackUNet):
         return net
     inferer = SlidingWindowInferer(roi_size=list(crop), sw_batch_size=1, overlap=0.25, padding_mode="replicate")
     if isinstance(net, torch.nn.Sequential) and isinstance(net[-1], (torch.nn.Sigmoid, EvalSigmoid)):
@@ -251,7 +256,7 @@ def train_model(
     if checkpoint:
         torch.save(best_state, checkpoint)
     if isinstance(net, UNet25D):
-        net.num_directions = inference_directions()  # tested as the bundle infers (configs/inference.json)
+        net.num_directions = inference_settings()["num_directions"]  # tested as the bundle infers
     test_rows = _evaluate(net, cases["test"], invert, crop, full=True)
     logger.info("B4 %s: %d steps in %.0f s, best validation Dice %.3f", model, steps, elapsed, best_dice)
     return {
@@ -315,6 +320,7 @@ def direction_sweep(
     net.load_state_dict(torch.load(checkpoint, weights_only=True))
     trained_p = net.num_directions
     cases, invert = _splits(data_dir, parser, ("test",))
+    predict = _predictor(net, crop)
     rows = []
     for p in tqdm(directions, desc="B5 directions", unit="p"):
         net.num_directions = int(p)
@@ -325,7 +331,7 @@ def direction_sweep(
         with torch.no_grad():
             for case in cases["test"]:
                 start = time.perf_counter()
-                net(case["image"].as_tensor()[None])
+                predict(case["image"].as_tensor()[None])
                 times.append(time.perf_counter() - start)
         rows.append({"p": int(p), "dice": _mean(metrics, "dice"), "seconds_per_case": statistics.median(times),
                      **probe.read()})

@@ -7,12 +7,11 @@ Each measurement runs in a fresh subprocess, so that its peak resident set size
 - ``floor``: Python, torch, MONAI and the network of ``configs/inference.json`` (its p and
   channels, random weights: memory does not depend on the weights), no volume. The part of
   every peak that does not depend on the volume.
-- ``network``: that network through the config's ``SlidingWindowInferer`` (by default one
-  window over the whole volume) on a random volume already in memory, in eval mode without
+- ``network``: that network through the config's sliding windows (in-plane windows of about the
+  training crops' size, the whole depth) on a random volume already in memory, in eval mode without
   gradients, as the evaluator runs it.
-- ``network_windows``: the same with windows of :data:`Z_WINDOW` slices along z (``sw_roi_size``
-  ``[-1, -1, 128]``, overlap 0.25), the option for volumes too deep for memory: what chunking
-  along z saves and costs.
+- ``network_whole``: the same in one window over the whole volume (``sw_roi_size`` ``[-1, -1, -1]``):
+  what the windows cost in time and save or cost in memory.
 - ``bundle``: the whole inference workflow of ``configs/inference.json`` on a NIfTI file of
   that size (int16, at the config's ``pixdim`` spacing, so no resampling): load, scale,
   crop, windows, invert, threshold, save, summary; with ``num_workers`` 0, so that loading and
@@ -44,8 +43,7 @@ BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(BUNDLE_ROOT, "configs", "inference.json")
 DOCS = os.path.join(BUNDLE_ROOT, "docs")
 BUDGET_GIB = 4.0
-MEASUREMENTS = ("floor", "network", "network_windows", "bundle")
-Z_WINDOW = 128
+MEASUREMENTS = ("floor", "network", "network_whole", "bundle")
 
 __all__ = ["measure", "write_inputs", "run"]
 
@@ -101,7 +99,7 @@ def measure(what: str, size: Sequence[int], overrides: str = "{}", image: str = 
     """One measurement in this process (run by :func:`run` in a subprocess); prints its JSON.
 
     Args:
-        what: one of ``floor``, ``network``, ``network_windows``, ``bundle``.
+        what: one of ``floor``, ``network``, ``network_whole``, ``bundle``.
         size: the volume's ``[H, W, D]``.
         overrides: config overrides as JSON.
         image, ckpt_dir, output_dir: the files of the ``bundle`` measurement (:func:`write_inputs`).
@@ -115,8 +113,8 @@ def measure(what: str, size: Sequence[int], overrides: str = "{}", image: str = 
         result: dict = {}
     elif what == "network":
         result = _network_forward(size, extra)
-    elif what == "network_windows":
-        result = _network_forward(size, {**extra, "sw_roi_size": [-1, -1, Z_WINDOW]})
+    elif what == "network_whole":
+        result = _network_forward(size, {**extra, "sw_roi_size": [-1, -1, -1]})
     elif what == "bundle":  # loading in this process too (no DataLoader workers), so the peak covers it
         result = _bundle(image, ckpt_dir, output_dir, {"num_workers": 0, **extra})
     else:
@@ -182,19 +180,21 @@ def _markdown(results: dict) -> str:
     ]
     what_runs = {
         "floor": "imports and the network, no volume",
-        "network": f"network + `SlidingWindowInferer`, windows `{results['sw_roi_size']}` (the config's)",
-        "network_windows": f"network + windows of {Z_WINDOW} slices along z (`--sw_roi_size \"[-1,-1,{Z_WINDOW}]\"`)",
+        "network": f"network + the config's sliding windows `{results['sw_roi_size']}`",
+        "network_whole": "network in one window over the whole volume (`--sw_roi_size \"[-1,-1,-1]\"`)",
         "bundle": "the whole `run inference` workflow on an int16 NIfTI file, load to save, in one process",
     }
     for name in MEASUREMENTS:
         if name in rows:
             r = rows[name]
             lines.append(f"| {name} | {what_runs[name]} | {r['peak_rss_gib']:.2f} | {r['cpu_seconds']:.0f} |")
-    whole, chunked = rows.get("network"), rows.get("network_windows")
-    if chunked is not None and whole is not None:
-        ratio = chunked["cpu_seconds"] / whole["cpu_seconds"]
-        lines += ["", f"Windows of {Z_WINDOW} slices along z against the config's `{results['sw_roi_size']}`: peak "
-                      f"{chunked['peak_rss_gib']:.2f} against {whole['peak_rss_gib']:.2f} GiB, CPU time x{ratio:.1f}."]
+    windows, whole = rows.get("network"), rows.get("network_whole")
+    if windows is not None and whole is not None:
+        ratio = windows["cpu_seconds"] / whole["cpu_seconds"]
+        lines += ["", f"The config's windows `{results['sw_roi_size']}` against one window over the whole volume: "
+                      f"peak {windows['peak_rss_gib']:.2f} against {whole['peak_rss_gib']:.2f} GiB, CPU time "
+                      f"x{ratio:.1f}. One pass is cheaper but not accurate on a volume much wider than the training "
+                      "crops (its rays are several times as long; `docs/model.md`, *Inference in windows*)."]
     bundle = rows.get("bundle")
     if bundle is not None:
         verdict = "met" if bundle["peak_rss_gib"] < BUDGET_GIB else "**not met**"
@@ -211,7 +211,7 @@ def run(size: Sequence[int] = (512, 512, 256), threads: int = 2, measurements: S
     Args:
         size: the volume's ``[H, W, D]``.
         threads: torch (OpenMP) threads of each measurement.
-        measurements: which of ``floor``, ``network``, ``network_windows``, ``bundle`` to run.
+        measurements: which of ``floor``, ``network``, ``network_whole``, ``bundle`` to run.
         overrides: config overrides for every measurement (e.g. ``{"sw_roi_size": [-1, -1, 64]}``).
         update_docs: write ``docs/benchmarks_large.json`` and ``docs/benchmarks_large.md``.
 

@@ -332,7 +332,7 @@ def _b3_section(b3: dict) -> str:
 def _b4_directions(b4: dict) -> str:
     """With how many directions the random 2.5D U-Net was tested, where that is recorded."""
     p = b4.get("models", {}).get("unet25d", {}).get("test_directions")
-    return "" if p is None else f" (the random 2.5D U-Net with the p = {p} of `configs/inference.json`)"
+    return "" if p is None else f", with the p = {p} of `configs/inference.json`"
 
 
 def _b4_section(b4: dict) -> str:
@@ -501,7 +501,8 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
         contrast = ("; with the local-contrast term it adds the image's local mean slab by slab, whose box sums "
                     "make a few slabs of temporaries" if _network_value(results, "contrast_size", 0) else "")
         lines.append(
-            "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (`R` writes it, `T` "
+            "- **Memory (B1, B2).** At inference the 2.5D U-Net's peak holds the output volume (the sum of the "
+            "windows' outputs, or the single pass's own output) and one window's pass: its output (`R` writes it, `T` "
             f"overwrites it in place{contrast}), the sampling tables of `R` and, for small planes, "
             "of `M` (int32, cached per shape; `M` builds a large plane's one direction at a time), "
             "`U`'s feature maps for `direction_batch` projections at once (1 in the bundle's configs), and the "
@@ -589,6 +590,17 @@ def _network_25d(results: dict) -> str:
     return f"the bundle's network (`configs/train.json`: {directions}, projections {reduction}{terms}{batch})"
 
 
+def _windows_25d(results: dict) -> str:
+    """How the benchmarked 2.5D U-Net covered a volume at inference, in words."""
+    roi = (results.get("network_25d") or {}).get("inference_roi_size")
+    if roi is None or all(n <= 0 for n in roi):
+        return "one pass over the whole volume"
+    size = "×".join("whole" if n <= 0 else str(n) for n in roi)
+    overlap = results["network_25d"].get("inference_overlap")
+    return (f"in the sliding windows of `configs/inference.json` ({size} voxels, overlap {overlap}; they keep every "
+            "ray about as long as in the training crops)")
+
+
 def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -> str:
     """The Markdown page of a run (``ceiling``: ``ceiling.json`` for the accuracy limit, if measured)."""
     env, s = results["environment"], results["settings"]
@@ -626,7 +638,7 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
         lines += [f"![B1 and B2: time and memory](images/{images['speed']})", ""]
     if "B1" in results:
         lines += ["## B1 inference, whole volume", "",
-                  f"2.5D: {_network_25d(results)}, eval, `no_grad`, one pass over the whole volume. "
+                  f"2.5D: {_network_25d(results)}, eval, `no_grad`, {_windows_25d(results)}. "
                   f"3D: MONAI `UNet(spatial_dims=3, channels=(16,32,64,128,256), strides=(2,2,2,2), "
                   f"num_res_units=2)` under `SlidingWindowInferer(roi_size={s['roi_size']}, overlap=0.25)`, "
                   "sigmoid included.", "", _speed_section(results["B1"], "inference"), ""]
@@ -657,8 +669,9 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
                   f"spacing {d.get('spacing') or 'drawn'}): {d.get('training')} training, {d.get('validation')} "
                   f"validation, {d.get('test')} test. Preprocessing from `configs/train.json`, the same random "
                   f"crops of {s['crop']} for every model (a baseline config's own `roi_size` is replaced); "
-                  "metrics on each case's own grid after `Invertd`. 2.5D models infer the whole "
-                  f"volume{_b4_directions(b4)}; the 3D U-Net uses sliding windows of the crop size, overlap 0.25. "
+                  "metrics on each case's own grid after `Invertd`. The random 2.5D U-Net infers "
+                  f"{_windows_25d(results)}{_b4_directions(b4)}, the slice stack the whole volume; the 3D U-Net "
+                  "uses sliding windows of the crop size, overlap 0.25. "
                   "Frangi: `scripts.frangi.fit` on the training split.", "", _b4_section(b4), ""]
         errors = _b4_errors_section(b4)
         if errors:
@@ -675,7 +688,8 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
                   f"{b5.get('trained_p')}) "
                   "with `num_directions` set to p at "
                   f"inference, on the {b5.get('num_test_cases')} test case(s): mean Dice, median seconds per case "
-                  "(forward only, after a warm-up pass over the cases) and peak RSS increase.",
+                  f"(forward only, {_windows_25d(results)}, after a warm-up pass over the cases) and peak RSS "
+                  "increase.",
                   "" if "error" not in b5 else f"\nFailed: {b5['error']}\n",
                   markdown_table(["p", "test Dice", "s per case", "increase (MiB)"], rows), ""]
         if "B5" in images:

@@ -8,8 +8,9 @@ RSS at that moment is the memory the measured work itself needed. After the time
 more call runs under torch.profiler (:func:`live_tensor_peak`): the peak of the tensors
 themselves, which the RSS exceeds by the freed blocks the C allocator keeps.
 
-- B1 :func:`inference`: one whole-volume pass of ``UNet25D`` (eval, no grad) or MONAI's 3D
-  ``UNet`` under ``SlidingWindowInferer``.
+- B1 :func:`inference`: a whole volume segmented by ``UNet25D`` (eval, no grad) in the sliding windows
+  of ``configs/inference.json`` (:func:`bundle_inferer`), or by MONAI's 3D ``UNet`` under
+  ``SlidingWindowInferer``.
 - B2 :func:`train_step`: one optimiser step, random 2.5D (both paths) or 3D U-Net, batch 1, each
   with the loss its bundle config trains with (:func:`bundle_loss`).
 - B3 :func:`operators`: M and R against the memory floor, from ``scripts.benchmark_operators``.
@@ -31,11 +32,12 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import UNet
 
 from scripts import benchmark_operators
+from scripts.inferers import FittedSlidingWindowInferer
 from scripts.net import UNet25D
 from scripts.training import train_step as two_path_step
 
 __all__ = ["MemoryProbe", "settle_threads", "time_repeats", "live_tensor_peak", "unet3d", "bundle_unet25d",
-           "bundle_loss", "inference_directions", "inference", "train_step", "operators"]
+           "bundle_loss", "inference_settings", "bundle_inferer", "inference", "train_step", "operators"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +122,10 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
 
     Returns:
         the network and ``{"num_directions", "num_subset", "reduction", "pool_size", "intensity_term",
-        "contrast_size", "direction_batch", "inference_directions", "main_weight", "bce_weight"}`` (p, q, the
-        projections, T's pooling window and image terms, projections per U call without a gradient, the p of
-        ``configs/inference.json``, and the weights of ``TwoPathDiceLoss``: λ and the cross-entropy term's).
+        "contrast_size", "direction_batch", "inference_directions", "inference_roi_size", "inference_overlap",
+        "main_weight", "bce_weight"}`` (p, q, the projections, T's pooling window and image terms, projections per
+        U call without a gradient, the p and the windows of ``configs/inference.json``, and the weights of
+        ``TwoPathDiceLoss``: λ and the cross-entropy term's).
     """
     from monai.bundle import ConfigParser
 
@@ -131,10 +134,12 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     net = parser.get_parsed_content("network_def")
     reduction = parser.get_parsed_content("reduction")
     t = net.fine_tuning
+    inference = inference_settings()
     settings = {"num_directions": net.num_directions, "num_subset": int(parser.get_parsed_content("num_subset")),
                 "reduction": reduction if isinstance(reduction, str) else list(reduction),
                 "pool_size": t.kernel_size, "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
-                "direction_batch": net.direction_batch, "inference_directions": inference_directions(),
+                "direction_batch": net.direction_batch, "inference_directions": inference["num_directions"],
+                "inference_roi_size": inference["sw_roi_size"], "inference_overlap": inference["sw_overlap"],
                 "main_weight": float(parser.get_parsed_content("main_weight")),
                 "bce_weight": float(parser.get_parsed_content("bce_weight"))}
     return net, settings
@@ -155,14 +160,27 @@ def bundle_loss(model: str) -> tuple[torch.nn.Module, str]:
     return parser.get_parsed_content("loss"), loss_words(parser)
 
 
-def inference_directions() -> int:
-    """p of ``configs/inference.json``, the directions the bundle infers with (the filter is shared, so a model
-    trained with another p runs with it)."""
+def inference_settings() -> dict:
+    """How the bundle infers (``configs/inference.json``): ``{"num_directions", "sw_roi_size", "sw_overlap"}``.
+
+    p may differ from training's (the filter is shared, so a model trained with another p runs with it); the
+    windows bound the length of every ray through the volume to about that of the training crops.
+    """
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
-    return int(parser.get_parsed_content("num_directions"))
+    return {"num_directions": int(parser.get_parsed_content("num_directions")),
+            "sw_roi_size": [int(n) for n in parser.get_parsed_content("sw_roi_size")],
+            "sw_overlap": float(parser.get_parsed_content("sw_overlap"))}
+
+
+def bundle_inferer(settings: dict | None = None) -> FittedSlidingWindowInferer:
+    """The sliding windows of ``configs/inference.json`` (or of ``settings`` from :func:`inference_settings`),
+    one window per call, never larger than the volume, as the bundle's inferer."""
+    settings = inference_settings() if settings is None else settings
+    return FittedSlidingWindowInferer(roi_size=list(settings["sw_roi_size"]), sw_batch_size=1,
+                                      overlap=settings["sw_overlap"], padding_mode="replicate")
 
 
 def live_tensor_peak(fn: Callable[[], object]) -> float:
@@ -201,11 +219,11 @@ def _summary(times: list[float], probe: MemoryProbe, settle_s: float, run: Calla
 
 
 def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[int], overlap: float = 0.25) -> dict:
-    """B1: whole-volume inference of ``model`` (``"unet25d"`` or ``"unet3d"``) on ``(1, 1, *size)``.
+    """B1: inference of ``model`` (``"unet25d"`` or ``"unet3d"``) over the whole volume ``(1, 1, *size)``.
 
     Args:
-        model: ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`) with the p of ``configs/inference.json``,
-            one pass over the whole volume;
+        model: ``"unet25d"``: the bundle's network (:func:`bundle_unet25d`) with the p and the sliding windows of
+            ``configs/inference.json`` (:func:`bundle_inferer`);
             ``"unet3d"``: the 3D U-Net under ``SlidingWindowInferer(roi_size, overlap)``.
         size: ``(H, W, D)``.
         repeats: timed passes after one warm-up.
@@ -216,7 +234,9 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     if model == "unet25d":
         net, settings = bundle_unet25d()
         net.eval().num_directions = settings["inference_directions"]
-        run = lambda: net(x)  # noqa: E731
+        windows = bundle_inferer({"sw_roi_size": settings["inference_roi_size"],
+                                  "sw_overlap": settings["inference_overlap"]})
+        run = lambda: windows(x, net)  # noqa: E731
     elif model == "unet3d":
         net = unet3d().eval()
         inferer = SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=1, overlap=overlap)

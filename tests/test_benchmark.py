@@ -22,6 +22,7 @@ from scripts.benchmark_report import (
     _b4_section,
     _loss_weights,
     _network_25d,
+    _windows_25d,
     limits_section,
     check_targets,
     merge_runs,
@@ -259,13 +260,32 @@ def test_network_25d_in_words(network, words):
     assert _network_25d({"network_25d": network}).endswith(words)
 
 
+@pytest.mark.parametrize(
+    "network, words",
+    [
+        ({"inference_roi_size": [96, 96, -1], "inference_overlap": 0.1},
+         "in the sliding windows of `configs/inference.json` (96×96×whole voxels, overlap 0.1;"),
+        ({"inference_roi_size": [64, 80, 32], "inference_overlap": 0.25}, "(64×80×32 voxels, overlap 0.25;"),
+        ({"inference_roi_size": [-1, -1, -1], "inference_overlap": 0.25}, "one pass over the whole volume"),
+        ({}, "one pass over the whole volume"),
+    ],
+)
+def test_windows_25d_in_words(network, words):
+    """How the 2.5D U-Net covered a volume (B1, B4, B5 text), from the settings the run recorded."""
+    assert words in _windows_25d({"network_25d": network})
+    assert _windows_25d({}) == "one pass over the whole volume"
+
+
 def test_bundle_network_settings_follow_the_configs():
     net, settings = bundle_unet25d()
     t = net.fine_tuning
     assert settings["pool_size"] == t.kernel_size and settings["contrast_size"] == t.contrast_size
     assert settings["num_directions"] == net.num_directions
     with open(os.path.join(ROOT, "configs", "inference.json")) as f:
-        assert settings["inference_directions"] == json.load(f)["num_directions"]
+        inference = json.load(f)
+    assert settings["inference_directions"] == inference["num_directions"]
+    assert settings["inference_roi_size"] == inference["sw_roi_size"]
+    assert settings["inference_overlap"] == inference["sw_overlap"]
     with open(os.path.join(ROOT, "configs", "train.json")) as f:
         train = json.load(f)
     assert (settings["main_weight"], settings["bce_weight"]) == (train["main_weight"], train["bce_weight"])
