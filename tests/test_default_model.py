@@ -57,13 +57,15 @@ def test_recipe_trains_and_evaluates(tmp_path):
     tiny = {**TINY_NET_OVERRIDES, "synthetic_cases": 6, "epochs": 1, "val_interval": 1, "roi_size": [16, 16, 16],
             "num_subset": 2, "cache_rate": 0.0, "num_workers": 0}
     tables = default_model.run(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
-                               ckpt_dir=str(tmp_path / "models"), settings=tiny)
-    assert set(tables) == {"validation", "test"}
+                               ckpt_dir=str(tmp_path / "models"), settings=tiny, large={"size": [40, 36, 24]})
+    assert set(tables) == {"validation", "test", "large", "large_whole"}
+    assert len(os.listdir(tmp_path / "out" / "large" / "imagesTr")) == default_model.LARGE["num_cases"]
     for table in tables.values():
         assert table.startswith("| case | Dice | clDice | HD95 (mm) |") and "**mean**" in table
     assert os.path.isfile(tmp_path / "models" / "model.pt")
-    with pytest.raises(ValueError, match="leave --settings out"):
-        default_model.run(update_docs=True, settings=tiny)
+    for kwargs in ({"settings": tiny}, {"large": {"size": [40, 36, 24]}}):
+        with pytest.raises(ValueError, match="leave --settings and --large out"):
+            default_model.run(update_docs=True, **kwargs)
 
 
 @pytest.mark.parametrize("with_b4, with_ceiling, runs", [(True, True, 1), (True, False, 1), (False, True, 1),
@@ -84,7 +86,9 @@ def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b
         rows = [{"oracle": "hull", "test": {"dice": 0.55}}, {"oracle": "fbp", "test": {"dice": 0.9}}]
         (tmp_path / "docs" / "ceiling.json").write_text(json.dumps({"rows": rows}))
     monkeypatch.setattr(default_model, "BUNDLE_ROOT", str(tmp_path))
-    text = default_model._doc_text({"test": "T", "validation": "V"}, "data")
+    text = default_model._doc_text({"test": "T", "validation": "V", "large": "L", "large_whole": "W"}, "data")
+    assert "On larger volumes, 224×224×128 voxels of 0.6 mm (4 synthetic cases, seed 1;" in text
+    assert text.index("\n\nL\n\n") < text.index("in one window over the whole volume") < text.index("\n\nW\n\n")
     assert ("test Dice 0.612 and MONAI's 3D U-Net 0.679 after 300 s" in text) == (with_b4 and runs == 1)
     assert ("mean test Dice over 3 trainings 0.612 and MONAI's 3D U-Net 0.679" in text) == (with_b4 and runs == 3)
     assert ("would reach only 0.55 test Dice" in text) == with_ceiling
