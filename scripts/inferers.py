@@ -77,11 +77,11 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
 
     def _grid_path(self, inputs: Any, kwargs: dict) -> bool:
         """Whether :meth:`_grid` gives MONAI's result: fitted windows, constant blending, one window per call,
-        no weight map, coordinates, buffering or other device, and a tensor in."""
+        no weight map, coordinates, buffering, progress bar or other device, and a tensor in."""
         return (self.fit_to_image and isinstance(inputs, torch.Tensor) and self.mode == BlendMode.CONSTANT
                 and self.sw_batch_size == 1 and self.roi_weight_map is None and not self.with_coord
                 and not self.buffer_steps and self.sw_device is None and self.device is None
-                and self.cpu_thresh is None and not kwargs)
+                and self.cpu_thresh is None and not self.progress and not kwargs)
 
     def _grid(self, inputs: torch.Tensor, network: Any, roi: Sequence[int], *args: Any) -> torch.Tensor:
         """The windows' mean over each voxel, accumulated in one output volume and divided by the per-axis counts."""
@@ -94,6 +94,9 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
         for corner in itertools.product(*starts):
             window = (slice(None), slice(None)) + tuple(slice(c, c + r) for c, r in zip(corner, roi))
             out = network(plain[window].contiguous(), *args)  # the fused kernels read a dense window
+            if tuple(out.shape[2:]) != tuple(roi):
+                raise ValueError(f"the network turned a window of {list(roi)} voxels into {list(out.shape[2:])}: "
+                                 "these windows need an output of the window's spatial size.")
             if output is None:
                 if all(len(s) == 1 for s in starts):  # the volume is one window
                     output = out

@@ -119,3 +119,9 @@ def test_bundle_configs_infer_the_2_5d_unet_in_fitted_in_plane_windows(files, ke
     h, w, d = inferer.roi_size
     assert h > 0 and w > 0 and d == -1
     assert list(inferer.roi_size) == list(parser.get_parsed_content("sw_roi_size"))
+
+
+def test_network_that_changes_the_size_is_a_clear_error():
+    inferer = FittedSlidingWindowInferer((8, 8, -1))
+    with pytest.raises(ValueError, match=r"turned a window of \[8, 8, 4\] voxels into \[4, 4, 2\]"):
+        inferer(torch.rand(1, 1, 16, 16, 4), lambda x: x[:, :, ::2, ::2, ::2])
