@@ -32,7 +32,6 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import UNet
 
 from scripts import benchmark_operators
-from scripts.inferers import FittedSlidingWindowInferer
 from scripts.net import UNet25D
 from scripts.training import train_step as two_path_step
 
@@ -160,27 +159,30 @@ def bundle_loss(model: str) -> tuple[torch.nn.Module, str]:
     return parser.get_parsed_content("loss"), loss_words(parser)
 
 
+def _inference_config():
+    """``configs/inference.json``, parsed (not yet instantiated)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
+    return parser
+
+
 def inference_settings() -> dict:
     """How the bundle infers (``configs/inference.json``): ``{"num_directions", "sw_roi_size", "sw_overlap"}``.
 
     p may differ from training's (the filter is shared, so a model trained with another p runs with it); the
     windows bound the length of every ray through the volume to about that of the training crops.
     """
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
+    parser = _inference_config()
     return {"num_directions": int(parser.get_parsed_content("num_directions")),
             "sw_roi_size": [int(n) for n in parser.get_parsed_content("sw_roi_size")],
             "sw_overlap": float(parser.get_parsed_content("sw_overlap"))}
 
 
-def bundle_inferer(settings: dict | None = None) -> FittedSlidingWindowInferer:
-    """The sliding windows of ``configs/inference.json`` (or of ``settings`` from :func:`inference_settings`),
-    one window per call, never larger than the volume, as the bundle's inferer."""
-    settings = inference_settings() if settings is None else settings
-    return FittedSlidingWindowInferer(roi_size=list(settings["sw_roi_size"]), sw_batch_size=1,
-                                      overlap=settings["sw_overlap"], padding_mode="replicate")
+def bundle_inferer() -> SlidingWindowInferer:
+    """The ``inferer`` of ``configs/inference.json`` itself: the windows the bundle segments a volume in."""
+    return _inference_config().get_parsed_content("inferer")
 
 
 def live_tensor_peak(fn: Callable[[], object]) -> float:
@@ -234,8 +236,7 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     if model == "unet25d":
         net, settings = bundle_unet25d()
         net.eval().num_directions = settings["inference_directions"]
-        windows = bundle_inferer({"sw_roi_size": settings["inference_roi_size"],
-                                  "sw_overlap": settings["inference_overlap"]})
+        windows = bundle_inferer()
         run = lambda: windows(x, net)  # noqa: E731
     elif model == "unet3d":
         net = unet3d().eval()

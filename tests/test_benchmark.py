@@ -35,7 +35,8 @@ from scripts.benchmark_report import (
     target_status,
 )
 from scripts.benchmark_operators import LOOP_SECONDS
-from scripts.benchmark_speed import MemoryProbe, bundle_loss, bundle_unet25d, live_tensor_peak
+from scripts.benchmark_speed import MemoryProbe, bundle_inferer, bundle_loss, bundle_unet25d, live_tensor_peak
+from scripts.inferers import FittedSlidingWindowInferer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,6 +287,9 @@ def test_bundle_network_settings_follow_the_configs():
     assert settings["inference_directions"] == inference["num_directions"]
     assert settings["inference_roi_size"] == inference["sw_roi_size"]
     assert settings["inference_overlap"] == inference["sw_overlap"]
+    windows = bundle_inferer()  # the config's own inferer, as the bundle runs it
+    assert isinstance(windows, FittedSlidingWindowInferer) and windows.fit_to_image
+    assert list(windows.roi_size) == inference["sw_roi_size"] and windows.overlap == inference["sw_overlap"]
     with open(os.path.join(ROOT, "configs", "train.json")) as f:
         train = json.load(f)
     assert (settings["main_weight"], settings["bce_weight"]) == (train["main_weight"], train["bce_weight"])

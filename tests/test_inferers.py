@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
@@ -107,10 +110,6 @@ def test_window_is_restored_after_an_error():
                                         (["train.json", "evaluate.json"], "validate#inferer")])
 def test_bundle_configs_infer_the_2_5d_unet_in_fitted_in_plane_windows(files, key):
     """The 2.5D U-Net's configs window the axial plane (bounding every ray) and span the depth, unpadded."""
-    import os
-
-    from monai.bundle import ConfigParser
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = ConfigParser()
     parser.read_config([os.path.join(root, "configs", f) for f in files])
