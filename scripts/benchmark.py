@@ -5,7 +5,7 @@
 - B3 the operators M and R against the memory floor (``scripts.benchmark_operators``);
 - B4 accuracy at an equal wall-clock training budget: 2.5D U-Net, 3D U-Net, slice stack,
   and Frangi with a fitted threshold (Dice, clDice, HD95 on a held-out synthetic test split);
-- B5 the trained 2.5D U-Net at p = 4 ... 64 directions at inference.
+- B5 the trained 2.5D U-Net at p = 4 ... 64 directions at inference, and in other windows with other p.
 
 Every measurement runs in its own child process (``python -m scripts.benchmark measure ...``)
 so that peak memory is real. The run writes ``<out>/benchmarks.md`` (tables, targets met or
@@ -62,6 +62,7 @@ TASKS = {
     "train": "scripts.benchmark_accuracy:train_model",
     "frangi": "scripts.benchmark_accuracy:frangi_baseline",
     "directions": "scripts.benchmark_accuracy:direction_sweep",
+    "windows": "scripts.benchmark_accuracy:window_sweep",
 }
 SETTINGS = {
     "full": {
@@ -85,6 +86,9 @@ SETTINGS = {
         "val_fraction": 0.15,
         "test_fraction": 0.2,
         "directions": [4, 8, 16, 32, 64],
+        "windows": [32, 40, 48, 64, 96],
+        "window_directions": [8, 12, 16],
+        "window_timing_size": [256, 256, 128],
     },
 }
 SETTINGS["quick"] = {
@@ -104,6 +108,9 @@ SETTINGS["quick"] = {
     "case_spacing": 0.6,
     "val_fraction": 0.25,
     "test_fraction": 0.25,
+    "windows": [16, 32],
+    "window_directions": [4, 8],
+    "window_timing_size": [64, 64, 32],
 }
 
 
@@ -234,6 +241,11 @@ def _accuracy(s: dict, benches: set[str], threads: int, work_dir: str, seed: int
         if os.path.isfile(checkpoint):
             out["B5"] = run_child("directions", {**common, "checkpoint": checkpoint, "directions": s["directions"]},
                                   threads, work_dir, "directions")
+            step("B5 windows")
+            spec = {**common, "checkpoint": checkpoint, "windows": s["windows"],
+                    "directions": s["window_directions"], "timing_size": s["window_timing_size"],
+                    "repeats": s["repeats"]}
+            out["B5"]["windows"] = run_child("windows", spec, threads, work_dir, "windows")
         else:
             out["B5"] = {"error": "no trained 2.5D model (B4's training failed)", "rows": []}
     return out

@@ -8,6 +8,7 @@ Each function runs inside its own child process started by :mod:`scripts.benchma
 - :func:`frangi_baseline`: the Frangi threshold fitted on the training split, scored on the
   validation and test splits.
 - :func:`direction_sweep`: the trained 2.5D model at other numbers of directions p.
+- :func:`window_sweep`: the trained 2.5D model in other sliding windows and with other p at inference.
 
 All three learned models read the bundle's own ``configs/train.json``: the same
 ``train#preprocessing`` (random crops, flips, rotations, intensity jitter) and
@@ -38,7 +39,7 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from scripts.benchmark_report import ERROR_COLUMNS
-from scripts.benchmark_speed import MemoryProbe, bundle_inferer, inference_settings
+from scripts.benchmark_speed import MemoryProbe, as_deployed, bundle_inferer, settle_threads, time_repeats
 from scripts.data import load_datalist
 from scripts.frangi import FrangiSegmenter, fit
 from scripts.layers import EvalSigmoid
@@ -49,7 +50,7 @@ from scripts.synthetic import write_dataset
 from scripts.training import train_step as two_path_step
 
 __all__ = ["MODELS", "benchmark_data", "model_parser", "loss_words", "case_metrics", "train_model", "frangi_baseline",
-           "direction_sweep"]
+           "direction_sweep", "window_sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +156,12 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _evaluate(net, cases, invert, crop, full: bool) -> list[dict]:
-    """Per-case metrics of ``net`` on preprocessed ``cases``, predictions inverted to the label's grid."""
+def _evaluate(net, cases, invert, crop, full: bool, predict: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> list[dict]:
+    """Per-case metrics of ``net`` on preprocessed ``cases``, predictions inverted to the label's grid
+    (``predict``: probabilities of ``(1, 1, H, W, D)``; default :func:`_predictor`)."""
     net.eval()
-    predict = _predictor(net, crop)
+    predict = predict or _predictor(net, crop)
     rows = []
     for case in cases:
         with torch.no_grad():
@@ -256,7 +259,7 @@ def train_model(
     if checkpoint:
         torch.save(best_state, checkpoint)
     if isinstance(net, UNet25D):
-        net.num_directions = inference_settings()["num_directions"]  # tested as the bundle infers
+        as_deployed(net)  # tested as the bundle infers
     test_rows = _evaluate(net, cases["test"], invert, crop, full=True)
     logger.info("B4 %s: %d steps in %.0f s, best validation Dice %.3f", model, steps, elapsed, best_dice)
     return {
@@ -319,6 +322,7 @@ def direction_sweep(
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(checkpoint, weights_only=True))
     trained_p = net.num_directions
+    as_deployed(net)
     cases, invert = _splits(data_dir, parser, ("test",))
     predict = _predictor(net, crop)
     rows = []
@@ -337,3 +341,47 @@ def direction_sweep(
                      **probe.read()})
         logger.info("B5 p = %d: Dice %.3f, %.2f s per case", p, rows[-1]["dice"], rows[-1]["seconds_per_case"])
     return {"trained_p": trained_p, "num_test_cases": len(cases["test"]), "rows": rows}
+
+
+def window_sweep(
+    data_dir: str,
+    checkpoint: str,
+    windows: Sequence[int],
+    directions: Sequence[int],
+    crop: Sequence[int],
+    timing_size: Sequence[int],
+    repeats: int = 3,
+    tiny: bool = False,
+) -> dict:
+    """B5: the trained 2.5D model in sliding windows of ``w × w`` voxels in the axial plane (the whole depth) and
+    with p directions at inference, for each ``w`` in ``windows`` and p in ``directions``.
+
+    For each setting: mean validation and test Dice, and the median seconds of ``repeats`` passes (after a
+    warm-up) over a random volume of ``timing_size``, as B1 times the bundle's inference. The windows are the
+    ``inferer`` of ``configs/inference.json`` with its ``sw_roi_size`` replaced (overlap, blending and fitting as
+    there); a smaller window keeps the rays shorter and needs more windows per volume.
+    """
+    parser, _ = model_parser("unet25d", crop, tiny)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(checkpoint, weights_only=True))
+    trained_p = net.num_directions
+    as_deployed(net)
+    cases, invert = _splits(data_dir, parser, ("validation", "test"))
+    volume = torch.rand(1, 1, *timing_size)
+    settle_threads()
+    rows = []
+    grid = [(int(w), int(p)) for w in windows for p in directions]
+    for w, p in tqdm(grid, desc="B5 windows", unit="setting"):
+        net.num_directions = p
+        inferer = bundle_inferer([w, w, -1])
+        predict = lambda x: inferer(x, net)  # noqa: E731
+        dice = {split: _mean(_evaluate(net, cases[split], invert, crop, False, predict), "dice")
+                for split in ("validation", "test")}
+        with torch.no_grad():  # after a warm-up call: sampling tables are built once per (window, p)
+            seconds = statistics.median(time_repeats(lambda: predict(volume), repeats))
+        rows.append({"window": w, "p": p, "val_dice": dice["validation"], "test_dice": dice["test"],
+                     "seconds": seconds})
+        logger.info("B5 window %d, p = %d: validation Dice %.3f, test Dice %.3f, %.2f s on %s", w, p,
+                    dice["validation"], dice["test"], seconds, list(timing_size))
+    return {"trained_p": trained_p, "timing_size": list(timing_size), "num_validation_cases": len(cases["validation"]),
+            "num_test_cases": len(cases["test"]), "rows": rows}

@@ -438,6 +438,13 @@ def _b4_tie(results: dict) -> float | None:
     return None
 
 
+def _inference_batch(results: dict) -> str:
+    """How many projections the benchmarked 2.5D U-Net's ``U`` took per call at inference, in words."""
+    n = results.get("network_25d") or {}
+    batch = n.get("inference_direction_batch", n.get("direction_batch"))
+    return "as many as the bundle's configs set" if batch is None else f"{batch} in `configs/inference.json`"
+
+
 def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
     """What limits each missed target (and B4's accuracy when it is a tie, :data:`TIE_DICE`), as Markdown lines
     (empty when every target is met by more).
@@ -505,7 +512,7 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             "windows' outputs, or the single pass's own output) and one window's pass: its output (`R` writes it, `T` "
             f"overwrites it in place{contrast}), the sampling tables of `R` and, for small planes, "
             "of `M` (int32, cached per shape; `M` builds a large plane's one direction at a time), "
-            "`U`'s feature maps for `direction_batch` projections at once (1 in the bundle's configs), and the "
+            f"`U`'s feature maps for `direction_batch` projections at once ({_inference_batch(results)}), and the "
             "heap blocks that glibc keeps after those feature maps are freed ("
             f"{'see below; ' if live else ''}the figure varies from run to run for that reason). The 3D U-Net's "
             "sliding window bounds its own peak to one window's feature maps and the output. In a training step "
@@ -584,6 +591,8 @@ def _network_25d(results: dict) -> str:
             parts.append(f"local-contrast term ({n['contrast_size']}³)")
     terms = f", `T`: {', '.join(parts)}" if parts else ""
     batch = f", direction_batch {n['direction_batch']}" if "direction_batch" in n else ""
+    if n.get("inference_direction_batch") not in (None, n.get("direction_batch")):
+        batch += f" ({n['inference_direction_batch']} at inference)"
     p, p_inference = n["num_directions"], n.get("inference_directions")
     directions = (f"p = {p}" if p_inference in (None, p)
                   else f"p = {p} in training and {p_inference} at inference (`configs/inference.json`)")
@@ -597,8 +606,40 @@ def _windows_25d(results: dict) -> str:
         return "one pass over the whole volume"
     size = "×".join("whole" if n <= 0 else str(n) for n in roi)
     overlap = results["network_25d"].get("inference_overlap")
-    return (f"in the sliding windows of `configs/inference.json` ({size} voxels, overlap {overlap}; they keep every "
-            "ray about as long as in the training crops)")
+    return (f"in the sliding windows of `configs/inference.json` ({size} voxels, overlap {overlap}; they bound "
+            "the length of every ray, see B5)")
+
+
+def _b5_windows_section(results: dict) -> list[str]:
+    """B5's table of windows and directions at inference, with each setting's speed against B1's 3D U-Net."""
+    sweep = results.get("B5", {}).get("windows")
+    if not sweep:
+        return []
+    if "error" in sweep:
+        return ["### Windows and directions at inference", "", f"Failed: {sweep['error']}", ""]
+    size = sweep["timing_size"]
+    unet3d = next((r.get("seconds") for r in results.get("B1", {}).get("rows", [])
+                   if r.get("model") == "unet3d" and list(r.get("size", [])) == list(size)), None)
+    n = results.get("network_25d") or {}
+    roi, p_bundle = n.get("inference_roi_size") or [], n.get("inference_directions")
+    bundle = (roi[0], p_bundle) if len(roi) == 3 and roi[0] == roi[1] and roi[2] <= 0 else None
+    rows = []
+    for r in sweep["rows"]:
+        mark = " (bundle)" if (r["window"], r["p"]) == bundle else ""
+        rows.append([f"{r['window']}×{r['window']}×whole{mark}", str(r["p"]), fmt(r["val_dice"], ".3f"),
+                     fmt(r["test_dice"], ".3f"), fmt(r["seconds"], ".3f"), fmt(ratio(unet3d, r["seconds"]), ".2f", "×")])
+    versus = (f"B1's 3D U-Net time at that size ({fmt(unet3d, '.3f')} s, another process of this run) over the "
+              "setting's" if unet3d is not None else "the 3D U-Net's time (not measured in this run) over the setting's")
+    return ["### Windows and directions at inference", "",
+            f"The same model in sliding windows of w×w voxels in the axial plane and the whole depth (the `inferer` "
+            f"of `configs/inference.json` with another `sw_roi_size`) with p directions: mean Dice on the "
+            f"{sweep.get('num_validation_cases')} validation and {sweep.get('num_test_cases')} test case(s), the "
+            f"median seconds of {fmt(results['settings'].get('repeats'), 'd')} pass(es) over a random "
+            f"{size_str(size)} volume in one process (after a warm-up), and {versus}. Rays run in the axial plane, "
+            "so a window bounds every ray to about √2·w voxels; smaller windows mean shorter rays and more windows "
+            "per volume. The bundle's setting is marked.", "",
+            markdown_table(["window", "p", "validation Dice", "test Dice", f"s at {size_str(size)}", "3D U-Net / this"],
+                           rows), ""]
 
 
 def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -> str:
@@ -694,6 +735,7 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
                   markdown_table(["p", "test Dice", "s per case", "increase (MiB)"], rows), ""]
         if "B5" in images:
             lines += [f"![B5 directions](images/{images['B5']})", ""]
+        lines += _b5_windows_section(results)
     lines += limits_section(results, ceiling)
     lines += ["## Reproduce", "", "From the bundle root:", "", "```bash", results["command"], "```", "",
               "The page alone (tables, plots, this text) is rebuilt from `benchmarks.json` by "

@@ -36,7 +36,8 @@ from scripts.net import UNet25D
 from scripts.training import train_step as two_path_step
 
 __all__ = ["MemoryProbe", "settle_threads", "time_repeats", "live_tensor_peak", "unet3d", "bundle_unet25d",
-           "bundle_loss", "inference_settings", "bundle_inferer", "inference", "train_step", "operators"]
+           "bundle_loss", "inference_settings", "as_deployed", "bundle_inferer", "inference", "train_step",
+           "operators"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +122,11 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
 
     Returns:
         the network and ``{"num_directions", "num_subset", "reduction", "pool_size", "intensity_term",
-        "contrast_size", "direction_batch", "inference_directions", "inference_roi_size", "inference_overlap",
-        "main_weight", "bce_weight"}`` (p, q, the projections, T's pooling window and image terms, projections per
-        U call without a gradient, the p and the windows of ``configs/inference.json``, and the weights of
-        ``TwoPathDiceLoss``: λ and the cross-entropy term's).
+        "contrast_size", "direction_batch", "inference_directions", "inference_direction_batch",
+        "inference_roi_size", "inference_overlap", "main_weight", "bce_weight"}`` (p, q, the projections, T's
+        pooling window and image terms, projections per U call without a gradient, the p, the projections per U
+        call and the windows of ``configs/inference.json``, and the weights of ``TwoPathDiceLoss``: λ and the
+        cross-entropy term's).
     """
     from monai.bundle import ConfigParser
 
@@ -138,6 +140,7 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
                 "reduction": reduction if isinstance(reduction, str) else list(reduction),
                 "pool_size": t.kernel_size, "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
                 "direction_batch": net.direction_batch, "inference_directions": inference["num_directions"],
+                "inference_direction_batch": inference["direction_batch"],
                 "inference_roi_size": inference["sw_roi_size"], "inference_overlap": inference["sw_overlap"],
                 "main_weight": float(parser.get_parsed_content("main_weight")),
                 "bce_weight": float(parser.get_parsed_content("bce_weight"))}
@@ -169,20 +172,35 @@ def _inference_config():
 
 
 def inference_settings() -> dict:
-    """How the bundle infers (``configs/inference.json``): ``{"num_directions", "sw_roi_size", "sw_overlap"}``.
+    """How the bundle infers (``configs/inference.json``):
+    ``{"num_directions", "direction_batch", "sw_roi_size", "sw_overlap"}``.
 
     p may differ from training's (the filter is shared, so a model trained with another p runs with it); the
-    windows bound the length of every ray through the volume to about that of the training crops.
+    windows keep every ray through the volume shorter than in the training crops.
     """
     parser = _inference_config()
     return {"num_directions": int(parser.get_parsed_content("num_directions")),
+            "direction_batch": int(parser.get_parsed_content("network_def#direction_batch")),
             "sw_roi_size": [int(n) for n in parser.get_parsed_content("sw_roi_size")],
             "sw_overlap": float(parser.get_parsed_content("sw_overlap"))}
 
 
-def bundle_inferer() -> SlidingWindowInferer:
-    """The ``inferer`` of ``configs/inference.json`` itself: the windows the bundle segments a volume in."""
-    return _inference_config().get_parsed_content("inferer")
+def as_deployed(net: UNet25D) -> UNet25D:
+    """``net`` in eval mode with the p and the projections per ``U`` call of ``configs/inference.json``."""
+    settings = inference_settings()
+    net.eval()
+    net.num_directions = settings["num_directions"]
+    net.direction_batch = settings["direction_batch"]
+    return net
+
+
+def bundle_inferer(roi_size: Sequence[int] | None = None) -> SlidingWindowInferer:
+    """The ``inferer`` of ``configs/inference.json`` itself: the windows the bundle segments a volume in
+    (with ``roi_size``: the same inferer with windows of that size instead of ``sw_roi_size``)."""
+    parser = _inference_config()
+    if roi_size is not None:
+        parser["sw_roi_size"] = [int(n) for n in roi_size]
+    return parser.get_parsed_content("inferer")
 
 
 def live_tensor_peak(fn: Callable[[], object]) -> float:
@@ -235,7 +253,7 @@ def inference(model: str, size: Sequence[int], repeats: int, roi_size: Sequence[
     x = torch.rand(1, 1, *size)
     if model == "unet25d":
         net, settings = bundle_unet25d()
-        net.eval().num_directions = settings["inference_directions"]
+        as_deployed(net)
         windows = bundle_inferer()
         run = lambda: windows(x, net)  # noqa: E731
     elif model == "unet3d":

@@ -20,6 +20,7 @@ from scripts.benchmark_report import (
     _b2_loss,
     _b4_errors_section,
     _b4_section,
+    _b5_windows_section,
     _loss_weights,
     _network_25d,
     _windows_25d,
@@ -35,7 +36,14 @@ from scripts.benchmark_report import (
     target_status,
 )
 from scripts.benchmark_operators import LOOP_SECONDS
-from scripts.benchmark_speed import MemoryProbe, bundle_inferer, bundle_loss, bundle_unet25d, live_tensor_peak
+from scripts.benchmark_speed import (
+    MemoryProbe,
+    as_deployed,
+    bundle_inferer,
+    bundle_loss,
+    bundle_unet25d,
+    live_tensor_peak,
+)
 from scripts.inferers import FittedSlidingWindowInferer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,6 +285,35 @@ def test_windows_25d_in_words(network, words):
     assert _windows_25d({}) == "one pass over the whole volume"
 
 
+def _window_results(b1_3d_seconds=None, error=None):
+    rows = [{"window": w, "p": p, "val_dice": 0.7, "test_dice": 0.6, "seconds": 0.5 * p / 8}
+            for w in (32, 48) for p in (8, 16)]
+    sweep = {"error": error} if error else {"timing_size": [64, 64, 32], "num_validation_cases": 2,
+                                            "num_test_cases": 3, "rows": rows}
+    results = {"settings": {"repeats": 3}, "B5": {"rows": [], "windows": sweep},
+               "network_25d": {"inference_roi_size": [48, 48, -1], "inference_directions": 16}}
+    if b1_3d_seconds is not None:
+        results["B1"] = {"rows": [{"model": "unet3d", "size": [128, 128, 64], "seconds": 9.0},
+                                  {"model": "unet3d", "size": [64, 64, 32], "seconds": b1_3d_seconds}]}
+    return results
+
+
+@parameterized.expand([(4.0, ["8.00×", "4.00×", "8.00×", "4.00×"]), (None, ["–", "–", "–", "–"])])
+def test_b5_windows_section_marks_the_bundle_and_compares_with_b1(b1_3d_seconds, ratios):
+    lines = _b5_windows_section(_window_results(b1_3d_seconds))
+    table = [line for line in "\n".join(lines).splitlines() if line.startswith("| ") and "×whole" in line]
+    assert [row.split(" | ")[-1].rstrip(" |") for row in table] == ratios  # 3D seconds at the timing size only
+    marked = [row for row in table if "(bundle)" in row]
+    assert len(marked) == 1 and marked[0].startswith("| 48×48×whole (bundle) | 16 |")
+    assert "2 validation and 3 test case(s)" in "\n".join(lines)
+
+
+def test_b5_windows_section_without_or_with_a_failed_sweep():
+    assert _b5_windows_section({"B5": {"rows": []}}) == []
+    lines = _b5_windows_section(_window_results(error="exit code 1"))
+    assert "Failed: exit code 1" in lines
+
+
 def test_bundle_network_settings_follow_the_configs():
     net, settings = bundle_unet25d()
     t = net.fine_tuning
@@ -287,9 +324,16 @@ def test_bundle_network_settings_follow_the_configs():
     assert settings["inference_directions"] == inference["num_directions"]
     assert settings["inference_roi_size"] == inference["sw_roi_size"]
     assert settings["inference_overlap"] == inference["sw_overlap"]
+    assert settings["inference_direction_batch"] == inference["network_def"]["direction_batch"]
     windows = bundle_inferer()  # the config's own inferer, as the bundle runs it
     assert isinstance(windows, FittedSlidingWindowInferer) and windows.fit_to_image
     assert list(windows.roi_size) == inference["sw_roi_size"] and windows.overlap == inference["sw_overlap"]
+    other = bundle_inferer([24, 24, -1])  # B5's windows: the same inferer, another size
+    assert list(other.roi_size) == [24, 24, -1] and other.overlap == windows.overlap and other.fit_to_image
+    deployed = as_deployed(net)
+    assert deployed is net and not net.training
+    assert (net.num_directions, net.direction_batch) == (inference["num_directions"],
+                                                         inference["network_def"]["direction_batch"])
     with open(os.path.join(ROOT, "configs", "train.json")) as f:
         train = json.load(f)
     assert (settings["main_weight"], settings["bce_weight"]) == (train["main_weight"], train["bce_weight"])
@@ -487,6 +531,9 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     assert {r["model"]: r["loss"] for r in results["B2"]["rows"]} == {m: losses[m] for m in ("unet25d", "unet3d")}
     assert 0 <= results["B4"]["frangi"]["test"]["dice"] <= 1
     assert [r["p"] for r in results["B5"]["rows"]] == [4, 8, 16, 32, 64]
+    sweep = results["B5"]["windows"]
+    assert [(r["window"], r["p"]) for r in sweep["rows"]] == [(16, 4), (16, 8), (32, 4), (32, 8)]
+    assert all(0 <= r["val_dice"] <= 1 and 0 <= r["test_dice"] <= 1 and r["seconds"] > 0 for r in sweep["rows"])
     assert len(results["targets"]) == 8
     assert all(t["status"] in ("met", "not met", "not measured") for t in results["targets"])
     assert results["environment"]["threads"] == 1 and results["environment"]["torch"]
@@ -497,6 +544,7 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     page = (out / "benchmarks.md").read_text()
     assert ("fused C++ kernels" if results["fused_kernels"] else "could not be built") in page
     assert "**Quick run**" in page and "--quick" in page
+    assert "### Windows and directions at inference" in page and "| 32×32×whole | 8 |" in page
     assert page.count(f"`{losses['unet3d']}`") >= 2  # B2 and B4
     assert "random 2.5D U-Net, 2 runs" in page and "training seeds 0, 1" in page
     assert f"under {1000 * LOOP_SECONDS:g} ms until it lasts" in page
