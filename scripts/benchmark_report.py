@@ -627,9 +627,12 @@ def _b5_windows_section(results: dict) -> list[str]:
     for r in sweep["rows"]:
         mark = " (bundle)" if (r["window"], r["p"]) == bundle else ""
         rows.append([f"{r['window']}×{r['window']}×whole{mark}", str(r["p"]), fmt(r["val_dice"], ".3f"),
-                     fmt(r["test_dice"], ".3f"), fmt(r["seconds"], ".3f"), fmt(ratio(unet3d, r["seconds"]), ".2f", "×")])
-    versus = (f"B1's 3D U-Net time at that size ({fmt(unet3d, '.3f')} s, another process of this run) over the "
-              "setting's" if unet3d is not None else "the 3D U-Net's time (not measured in this run) over the setting's")
+                     fmt(r["test_dice"], ".3f"), fmt(r["seconds"], ".3f"),
+                     fmt(ratio(unet3d, r["seconds"]), ".2f", "×")])
+    if unet3d is None:
+        versus = "the 3D U-Net's time (not measured in this run) over the setting's"
+    else:
+        versus = f"B1's 3D U-Net time at that size ({fmt(unet3d, '.3f')} s, another process of this run) over the setting's"
     return ["### Windows and directions at inference", "",
             f"The same model in sliding windows of w×w voxels in the axial plane and the whole depth (the `inferer` "
             f"of `configs/inference.json` with another `sw_roi_size`) with p directions: mean Dice on the "
