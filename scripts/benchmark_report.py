@@ -632,7 +632,8 @@ def _b5_windows_section(results: dict) -> list[str]:
     if unet3d is None:
         versus = "the 3D U-Net's time (not measured in this run) over the setting's"
     else:
-        versus = f"B1's 3D U-Net time at that size ({fmt(unet3d, '.3f')} s, another process of this run) over the setting's"
+        versus = (f"B1's 3D U-Net time at that size ({fmt(unet3d, '.3f')} s, another process of this run) over the "
+                  "setting's")
     return ["### Windows and directions at inference", "",
             f"The same model in sliding windows of w×w voxels in the axial plane and the whole depth (the `inferer` "
             f"of `configs/inference.json` with another `sw_roi_size`) with p directions: mean Dice on the "
