@@ -40,7 +40,7 @@ import torch
 
 from scripts import fused
 from scripts.benchmark_operators import LOOP_SECONDS
-from scripts.benchmark_speed import bundle_unet25d
+from scripts.benchmark_speed import bundle_unet25d, inference_settings
 from scripts.benchmark_report import (check_targets, markdown_table, merge_runs, plot_all, render, size_str,
                                       speed_ratios)
 from scripts.synthetic import write_dataset
@@ -205,6 +205,15 @@ def _speed(task: str, sizes: Sequence[Sequence[int]], extra: dict, threads: int,
     return {"rows": rows, "ratios": speed_ratios(rows)}
 
 
+def _window_grid(windows: Sequence[int], directions: Sequence[int]) -> tuple[list[int], list[int]]:
+    """B5's windows and directions with the bundle's own (``configs/inference.json``) among them: its p, and
+    its window where that is square in the axial plane over the whole depth."""
+    bundle = inference_settings()
+    roi = bundle["sw_roi_size"]
+    extra = [roi[0]] if roi[0] == roi[1] > 0 and roi[2] <= 0 else []
+    return sorted({*map(int, windows), *extra}), sorted({*map(int, directions), bundle["num_directions"]})
+
+
 def _accuracy(s: dict, benches: set[str], threads: int, work_dir: str, seed: int, step) -> dict:
     data_dir = os.path.join(work_dir, "data")
     step("B4/B5 synthetic data")
@@ -242,9 +251,9 @@ def _accuracy(s: dict, benches: set[str], threads: int, work_dir: str, seed: int
             out["B5"] = run_child("directions", {**common, "checkpoint": checkpoint, "directions": s["directions"]},
                                   threads, work_dir, "directions")
             step("B5 windows")
-            spec = {**common, "checkpoint": checkpoint, "windows": s["windows"],
-                    "directions": s["window_directions"], "timing_size": s["window_timing_size"],
-                    "repeats": s["repeats"]}
+            windows, directions = _window_grid(s["windows"], s["window_directions"])
+            spec = {**common, "checkpoint": checkpoint, "windows": windows, "directions": directions,
+                    "timing_size": s["window_timing_size"], "repeats": s["repeats"]}
             out["B5"]["windows"] = run_child("windows", spec, threads, work_dir, "windows")
         else:
             out["B5"] = {"error": "no trained 2.5D model (B4's training failed)", "rows": []}

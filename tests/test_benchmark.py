@@ -14,7 +14,7 @@ import torch
 from parameterized import parameterized
 
 from scripts import benchmark_accuracy, fused
-from scripts.benchmark import BENCHMARKS, run, run_child
+from scripts.benchmark import BENCHMARKS, _window_grid, run, run_child
 from scripts.benchmark_report import (
     TIE_DICE,
     _b2_loss,
@@ -42,6 +42,7 @@ from scripts.benchmark_speed import (
     bundle_inferer,
     bundle_loss,
     bundle_unet25d,
+    inference_settings,
     live_tensor_peak,
 )
 from scripts.inferers import FittedSlidingWindowInferer
@@ -314,6 +315,15 @@ def test_b5_windows_section_without_or_with_a_failed_sweep():
     assert "Failed: exit code 1" in lines
 
 
+@parameterized.expand([([32, 96], [8, 16]), ([48], [10]), ([16], [4, 12])])
+def test_window_grid_holds_the_bundle_setting(windows, directions):
+    bundle = inference_settings()
+    grid_w, grid_p = _window_grid(windows, directions)
+    assert set(windows) <= set(grid_w) and set(directions) <= set(grid_p)
+    assert bundle["sw_roi_size"][0] in grid_w and bundle["num_directions"] in grid_p
+    assert grid_w == sorted(set(grid_w)) and grid_p == sorted(set(grid_p))
+
+
 def test_bundle_network_settings_follow_the_configs():
     net, settings = bundle_unet25d()
     t = net.fine_tuning
@@ -532,7 +542,8 @@ def test_quick_run_writes_page_json_and_plots(tmp_path):
     assert 0 <= results["B4"]["frangi"]["test"]["dice"] <= 1
     assert [r["p"] for r in results["B5"]["rows"]] == [4, 8, 16, 32, 64]
     sweep = results["B5"]["windows"]
-    assert [(r["window"], r["p"]) for r in sweep["rows"]] == [(16, 4), (16, 8), (32, 4), (32, 8)]
+    windows, directions = _window_grid([16, 32], [4, 8])  # the quick grid and the bundle's own setting
+    assert [(r["window"], r["p"]) for r in sweep["rows"]] == [(w, p) for w in windows for p in directions]
     assert all(0 <= r["val_dice"] <= 1 and 0 <= r["test_dice"] <= 1 and r["seconds"] > 0 for r in sweep["rows"])
     assert len(results["targets"]) == 8
     assert all(t["status"] in ("met", "not met", "not measured") for t in results["targets"])
