@@ -629,6 +629,13 @@ def _b5_windows_section(results: dict) -> list[str]:
         rows.append([f"{r['window']}×{r['window']}×whole{mark}", str(r["p"]), fmt(r["val_dice"], ".3f"),
                      fmt(r["test_dice"], ".3f"), fmt(r["seconds"], ".3f"),
                      fmt(ratio(unet3d, r["seconds"]), ".2f", "×")])
+    if bundle is None:
+        marked = "The bundle's windows are not square in the axial plane over the whole depth."
+    elif any("(bundle)" in row[0] for row in rows):
+        marked = "The bundle's setting is marked."
+    else:
+        marked = (f"The bundle's setting ({bundle[0]}-voxel windows, p = {bundle[1]}) was not in this run's grid "
+                  "(B1 and B4 measure it).")
     if unet3d is None:
         versus = "the 3D U-Net's time (not measured in this run) over the setting's"
     else:
@@ -641,7 +648,7 @@ def _b5_windows_section(results: dict) -> list[str]:
             f"median seconds of {fmt(results['settings'].get('repeats'), 'd')} pass(es) over a random "
             f"{size_str(size)} volume in one process (after a warm-up), and {versus}. Rays run in the axial plane, "
             "so a window bounds every ray to about √2·w voxels; smaller windows mean shorter rays and more windows "
-            "per volume. The bundle's setting is marked.", "",
+            f"per volume. {marked}", "",
             markdown_table(["window", "p", "validation Dice", "test Dice", f"s at {size_str(size)}", "3D U-Net / this"],
                            rows), ""]
 

@@ -309,6 +309,13 @@ def test_b5_windows_section_marks_the_bundle_and_compares_with_b1(b1_3d_seconds,
     assert "2 validation and 3 test case(s)" in "\n".join(lines)
 
 
+def test_b5_windows_section_says_when_the_bundle_setting_is_not_in_the_grid():
+    results = _window_results(4.0)
+    results["network_25d"]["inference_directions"] = 10
+    text = "\n".join(_b5_windows_section(results))
+    assert "(bundle)" not in text and "(48-voxel windows, p = 10) was not in this run's grid" in text
+
+
 def test_b5_windows_section_without_or_with_a_failed_sweep():
     assert _b5_windows_section({"B5": {"rows": []}}) == []
     lines = _b5_windows_section(_window_results(error="exit code 1"))
