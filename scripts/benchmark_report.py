@@ -441,8 +441,11 @@ def _b4_tie(results: dict) -> float | None:
 def _inference_batch(results: dict) -> str:
     """How many projections the benchmarked 2.5D U-Net's ``U`` took per call at inference, in words."""
     n = results.get("network_25d") or {}
-    batch = n.get("inference_direction_batch", n.get("direction_batch"))
-    return "as many as the bundle's configs set" if batch is None else f"{batch} in `configs/inference.json`"
+    if "inference_direction_batch" in n:
+        return f"{n['inference_direction_batch']} in `configs/inference.json`"
+    if "direction_batch" in n:  # results from before the run recorded the inference config's own
+        return f"{n['direction_batch']} in `configs/train.json`"
+    return "as many as the bundle's configs set"
 
 
 def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:

@@ -21,6 +21,7 @@ from scripts.benchmark_report import (
     _b4_errors_section,
     _b4_section,
     _b5_windows_section,
+    _inference_batch,
     _loss_weights,
     _network_25d,
     _windows_25d,
@@ -314,6 +315,15 @@ def test_b5_windows_section_says_when_the_bundle_setting_is_not_in_the_grid():
     results["network_25d"]["inference_directions"] = 10
     text = "\n".join(_b5_windows_section(results))
     assert "(bundle)" not in text and "(48-voxel windows, p = 10) was not in this run's grid" in text
+
+
+@parameterized.expand([
+    ({"direction_batch": 1, "inference_direction_batch": 5}, "5 in `configs/inference.json`"),
+    ({"direction_batch": 1}, "1 in `configs/train.json`"),
+    ({}, "as many as the bundle's configs set"),
+])
+def test_inference_batch_in_words(network, words):
+    assert _inference_batch({"network_25d": network}) == words
 
 
 def test_b5_windows_section_without_or_with_a_failed_sweep():
