@@ -7,8 +7,8 @@ Each measurement runs in a fresh subprocess, so that its peak resident set size
 - ``floor``: Python, torch, MONAI and the network of ``configs/inference.json`` (its p and
   channels, random weights: memory does not depend on the weights), no volume. The part of
   every peak that does not depend on the volume.
-- ``network``: that network through the config's sliding windows (in-plane windows of about the
-  training crops' size, the whole depth) on a random volume already in memory, in eval mode without
+- ``network``: that network through the config's sliding windows (in-plane windows smaller than the
+  training crops, the whole depth) on a random volume already in memory, in eval mode without
   gradients, as the evaluator runs it.
 - ``network_whole``: the same in one window over the whole volume (``sw_roi_size`` ``[-1, -1, -1]``):
   what the windows cost in time and save or cost in memory.

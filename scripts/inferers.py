@@ -5,8 +5,9 @@ learns what projections of its training crops look like, and how long the rays a
 that: a ray through a whole head crosses several times the tissue, and the vessels, of a ray
 through a 64³ or 96³ crop, so a MIP or a ray sum of a volume much larger than the crops
 shows the 2D U-Net something it never saw (the visual hull also loosens, as more rays meet
-some vessel). Windows of about the crop size in the axial plane keep every ray about as long
-as in training; along z (no ray runs along it) the window may span the volume.
+some vessel). Windows in the axial plane no larger than the crops keep every ray at most as
+long as in training (shorter rays score higher still: ``docs/model.md``, *Inference in windows*);
+along z (no ray runs along it) the window may span the volume.
 
 MONAI's ``SlidingWindowInferer`` pads a volume smaller than the window up to the window's
 size. For a 3D U-Net that is harmless; for the 2.5D U-Net the padded rows become part of
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 from monai.utils import BlendMode, convert_to_dst_type, ensure_tuple_rep, fall_back_tuple
 
@@ -118,12 +120,10 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
-    """Start indices of the windows along one axis, as MONAI places them: every ``int(roi * (1 - overlap))``
-    (at least 1) voxels, and a last window flush with the end; ``[0]`` where the window spans the axis."""
+    """Start indices of the windows along one axis, as MONAI places them (``dense_patch_slices`` with the scan
+    interval ``int(roi * (1 - overlap))``, at least 1, so the last window is flush with the end); ``[0]`` where
+    the window spans the axis."""
     if roi >= size:
         return [0]
     step = max(int(roi * (1 - overlap)), 1)
-    starts = list(range(0, size - roi + 1, step))
-    if starts[-1] != size - roi:
-        starts.append(size - roi)
-    return starts
+    return [patch[0].start for patch in dense_patch_slices((size,), (roi,), (step,))]
