@@ -41,8 +41,8 @@ import torch
 from scripts import fused
 from scripts.benchmark_operators import LOOP_SECONDS
 from scripts.benchmark_speed import bundle_unet25d, inference_settings
-from scripts.benchmark_report import (check_targets, markdown_table, merge_runs, plot_all, render, size_str,
-                                      speed_ratios)
+from scripts.benchmark_report import (axial_window, check_targets, markdown_table, merge_runs, plot_all, render,
+                                      size_str, speed_ratios)
 from scripts.synthetic import write_dataset
 
 __all__ = ["SETTINGS", "BENCHMARKS", "environment", "run_child", "measure", "run", "main"]
@@ -209,8 +209,8 @@ def _window_grid(windows: Sequence[int], directions: Sequence[int]) -> tuple[lis
     """B5's windows and directions with the bundle's own (``configs/inference.json``) among them: its p, and
     its window where that is square in the axial plane over the whole depth."""
     bundle = inference_settings()
-    roi = bundle["sw_roi_size"]
-    extra = [roi[0]] if roi[0] == roi[1] > 0 and roi[2] <= 0 else []
+    w = axial_window(bundle["sw_roi_size"])
+    extra = [] if w is None else [w]
     return sorted({*map(int, windows), *extra}), sorted({*map(int, directions), bundle["num_directions"]})
 
 

@@ -314,15 +314,21 @@ def frangi_baseline(data_dir: str, threshold_json: str) -> dict:
     return result
 
 
-def direction_sweep(
-    data_dir: str, checkpoint: str, directions: Sequence[int], crop: Sequence[int], tiny: bool = False
-) -> dict:
-    """B5: test Dice and seconds per case of the trained 2.5D model at each number of directions."""
+def _trained_25d(checkpoint: str, crop: Sequence[int], tiny: bool) -> tuple[ConfigParser, UNet25D, int]:
+    """B4's 2.5D model from ``checkpoint``, set up as the bundle infers (:func:`as_deployed`): its config parser,
+    the network, and the p it was trained with."""
     parser, _ = model_parser("unet25d", crop, tiny)
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(checkpoint, weights_only=True))
     trained_p = net.num_directions
-    as_deployed(net)
+    return parser, as_deployed(net), trained_p
+
+
+def direction_sweep(
+    data_dir: str, checkpoint: str, directions: Sequence[int], crop: Sequence[int], tiny: bool = False
+) -> dict:
+    """B5: test Dice and seconds per case of the trained 2.5D model at each number of directions."""
+    parser, net, trained_p = _trained_25d(checkpoint, crop, tiny)
     cases, invert = _splits(data_dir, parser, ("test",))
     predict = _predictor(net, crop)
     rows = []
@@ -361,11 +367,7 @@ def window_sweep(
     ``inferer`` of ``configs/inference.json`` with its ``sw_roi_size`` replaced (overlap, blending and fitting as
     there); a smaller window keeps the rays shorter and needs more windows per volume.
     """
-    parser, _ = model_parser("unet25d", crop, tiny)
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(checkpoint, weights_only=True))
-    trained_p = net.num_directions
-    as_deployed(net)
+    parser, net, trained_p = _trained_25d(checkpoint, crop, tiny)
     cases, invert = _splits(data_dir, parser, ("validation", "test"))
     volume = torch.rand(1, 1, *timing_size)
     settle_threads()

@@ -15,6 +15,7 @@ __all__ = [
     "fmt",
     "size_str",
     "markdown_table",
+    "axial_window",
     "target_status",
     "speed_ratios",
     "check_targets",
@@ -613,6 +614,12 @@ def _windows_25d(results: dict) -> str:
             "the length of every ray, see B5)")
 
 
+def axial_window(roi_size: Sequence[int]) -> int | None:
+    """The edge ``w`` of windows ``[w, w, whole depth]`` (``sw_roi_size`` ``[w, w, -1]``), else None."""
+    roi = list(roi_size)
+    return roi[0] if len(roi) == 3 and roi[0] == roi[1] > 0 and roi[2] <= 0 else None
+
+
 def _b5_windows_section(results: dict) -> list[str]:
     """B5's table of windows and directions at inference, with each setting's speed against B1's 3D U-Net."""
     sweep = results.get("B5", {}).get("windows")
@@ -624,8 +631,8 @@ def _b5_windows_section(results: dict) -> list[str]:
     unet3d = next((r.get("seconds") for r in results.get("B1", {}).get("rows", [])
                    if r.get("model") == "unet3d" and list(r.get("size", [])) == list(size)), None)
     n = results.get("network_25d") or {}
-    roi, p_bundle = n.get("inference_roi_size") or [], n.get("inference_directions")
-    bundle = (roi[0], p_bundle) if len(roi) == 3 and roi[0] == roi[1] and roi[2] <= 0 else None
+    w_bundle = axial_window(n.get("inference_roi_size") or [])
+    bundle = None if w_bundle is None else (w_bundle, n.get("inference_directions"))
     rows = []
     for r in sweep["rows"]:
         mark = " (bundle)" if (r["window"], r["p"]) == bundle else ""

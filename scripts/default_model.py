@@ -151,12 +151,15 @@ def run(
         bundle_run("training", config_file=_config("train.json"), output_dir=output_dir, **{**common, **recipe})
     if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         raise FileNotFoundError(f"no {os.path.join(ckpt_dir, 'model.pt')} to evaluate: train first (--train True).")
-    tables = {}
-    for split in ("validation", "test"):
-        metrics_dir = os.path.join(output_dir, f"metrics_{split}")
-        bundle_run("evaluating", config_file=[_config("train.json"), _config("evaluate.json")],
-                   output_dir=metrics_dir, eval_split=split, **common)
-        tables[split] = metrics_markdown(metrics_dir, METRICS, ["Dice", "clDice", "HD95 (mm)"])
+
+    def evaluate(name: str, split: str, **overrides) -> str:
+        """The evaluate command on ``split`` (CSVs in ``metrics_<name>``), as a Markdown table."""
+        metrics_dir = os.path.join(output_dir, f"metrics_{name}")
+        bundle_run("evaluating", config_file=[_config("train.json"), _config("evaluate.json")], output_dir=metrics_dir,
+                   eval_split=split, **{**common, **overrides})
+        return metrics_markdown(metrics_dir, METRICS, ["Dice", "clDice", "HD95 (mm)"])
+
+    tables = {split: evaluate(split, split) for split in ("validation", "test")}
     large_dir = os.path.join(output_dir, "large")
     if not os.path.isfile(os.path.join(large_dir, "dataset.json")):
         from scripts.synthetic import write_dataset
@@ -164,11 +167,8 @@ def run(
         logger.info("writing the larger test volumes to %s", large_dir)
         write_dataset(large_dir, **{**LARGE, **(large or {})})
     # the config's windows, then one window over the whole volume (what the windows are for)
-    for name, windows in (("large", {}), ("large_whole", {"sw_roi_size": [-1, -1, -1]})):
-        metrics_dir = os.path.join(output_dir, f"metrics_{name}")
-        bundle_run("evaluating", config_file=[_config("train.json"), _config("evaluate.json")], output_dir=metrics_dir,
-                   eval_split="test", **{**common, "dataset_dir": large_dir, **windows})
-        tables[name] = metrics_markdown(metrics_dir, METRICS, ["Dice", "clDice", "HD95 (mm)"])
+    tables["large"] = evaluate("large", "test", dataset_dir=large_dir)
+    tables["large_whole"] = evaluate("large_whole", "test", dataset_dir=large_dir, sw_roi_size=[-1, -1, -1])
     if update_docs:
         text = _doc_text(tables, data_dir)
         for doc in ("README.md", os.path.join("docs", "README.md")):

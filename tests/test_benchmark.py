@@ -25,6 +25,7 @@ from scripts.benchmark_report import (
     _loss_weights,
     _network_25d,
     _windows_25d,
+    axial_window,
     limits_section,
     check_targets,
     merge_runs,
@@ -330,6 +331,12 @@ def test_b5_windows_section_without_or_with_a_failed_sweep():
     assert _b5_windows_section({"B5": {"rows": []}}) == []
     lines = _b5_windows_section(_window_results(error="exit code 1"))
     assert "Failed: exit code 1" in lines
+
+
+@parameterized.expand([([48, 48, -1], 48), ([48, 48, 0], 48), ([48, 64, -1], None), ([48, 48, 32], None),
+                       ([-1, -1, -1], None), ([48, 48], None)])
+def test_axial_window(roi_size, edge):
+    assert axial_window(roi_size) == edge
 
 
 @parameterized.expand([([32, 96], [8, 16]), ([48], [10]), ([16], [4, 12])])
