@@ -519,16 +519,18 @@ def limits_section(results: dict, ceiling: dict | None = None) -> list[str]:
             f"`U`'s feature maps for `direction_batch` projections at once ({_inference_batch(results)}), and the "
             "heap blocks that glibc keeps after those feature maps are freed ("
             f"{'see below; ' if live else ''}the figure varies from run to run for that reason). The 3D U-Net's "
-            "sliding window bounds its own peak to one window's feature maps and the output. In a training step "
-            "the crop-sized 3D tensors of both paths (the two outputs, "
-            f"{pooled}the Dice terms and their gradients) and Adam's state weigh as much as `U`'s activations "
-            "for the q projections of path 1, so fewer directions do not shrink it in proportion." + live)
+            "sliding window bounds its own peak to one window's feature maps and the output. A training step "
+            "holds crop-sized volumes (the two paths' logits, their gradient, which the loss computes in its "
+            f"forward, {pooled}`R`'s output, kept for the gradient of `T`'s scale), Adam's state and `U`'s feature "
+            "maps of path 1's q projections (with `recompute`, their convolutions' outputs and the other maps of "
+            "`recompute` projections at a time; [model.md](model.md), *Memory of a training step*)." + live)
     if any(b == "B2" and "faster" in t for b, t in missed):
         p, q = _network_value(results, "num_directions", 16), _network_value(results, "num_subset", 4)
         lines.append(
             f"- **Training step (B2).** With p = {p} and q = {q}, path 1 runs `U` forward and backward on {q} "
             f"projections and path 2 forward (without a graph) on the other {max(p - q, 0)}: the 2D U-Net's "
-            "convolutions are most of a step, `M`, `R` and `R*` a small part since the fused kernels (B3). What "
+            "convolutions are most of a step (with `recompute`, plus a second pass of its normalisations and "
+            "activations), `M`, `R` and `R*` a small part since the fused kernels (B3). What "
             "is left to trade is the 2D U-Net itself (fewer residual units per level, fewer channels) or q, each "
             "against accuracy ([ablation.md](ablation.md) compares q = 2, 4, 6 and 8 at p = 8).")
     if "B3" in kinds:
@@ -579,6 +581,17 @@ def _b2_loss(results: dict, model: str) -> str:
     if recorded is not None:
         return f"`{recorded}`"
     return f"`TwoPathDiceLoss`{_loss_weights(results)}" if model == "unet25d" else "`DiceLoss(sigmoid=True)`"
+
+
+def _b2_recompute(results: dict) -> str:
+    """Which crops of B2 the 2.5D U-Net trained with ``recompute`` (``configs/train.json`` sets it by the crop's
+    size), in words; empty for results from before the rows recorded it."""
+    rows = [r for r in results["B2"].get("rows", []) if r.get("model") == "unet25d" and "recompute" in r]
+    if not rows:
+        return ""
+    each = ", ".join(f"{size_str(r['size'])}: {r['recompute']}" for r in rows)
+    return (f" `recompute` (projections per recomputed call of `U` in path 1; `configs/train.json` sets 3 for crops "
+            f"of 128³ voxels or more, else 0): {each}.")
 
 
 def _network_25d(results: dict) -> str:
@@ -708,7 +721,8 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
         lines += ["## B2 one training step (batch 1, Adam)", "",
                   f"2.5D: {_network_25d(results)}, both paths of random 2.5D training (`scripts.training.train_step`, "
                   f"q = {_network_value(results, 'num_subset', 4)}, {_b2_loss(results, 'unet25d')}); "
-                  f"3D U-Net: {_b2_loss(results, 'unet3d')}. Random crops, label about 5 % foreground.",
+                  f"3D U-Net: {_b2_loss(results, 'unet3d')}. Random crops, label about 5 % foreground."
+                  + _b2_recompute(results),
                   "", _speed_section(results["B2"], "training step"), ""]
     if "B3" in results:
         lines += ["## B3 operators against the memory floor", "",

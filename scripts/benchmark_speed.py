@@ -117,14 +117,19 @@ def unet3d(channels: Sequence[int] = UNET3D_CHANNELS, strides: Sequence[int] = U
     return UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=channels, strides=strides, num_res_units=2)
 
 
-def bundle_unet25d() -> tuple[UNet25D, dict]:
+def bundle_unet25d(crop: Sequence[int] | None = None) -> tuple[UNet25D, dict]:
     """The 2.5D U-Net the bundle trains (``network_def`` of ``configs/train.json``) and its settings.
+
+    Args:
+        crop: the training crop (``roi_size``) the network is built for (its ``recompute`` follows the crop's
+            size); train.json's own by default.
 
     Returns:
         the network and ``{"num_directions", "num_subset", "reduction", "pool_size", "intensity_term",
-        "contrast_size", "direction_batch", "inference_directions", "inference_direction_batch",
+        "contrast_size", "direction_batch", "recompute", "inference_directions", "inference_direction_batch",
         "inference_roi_size", "inference_overlap", "main_weight", "bce_weight"}`` (p, q, the projections, T's
-        pooling window and image terms, projections per U call without a gradient, the p, the projections per U
+        pooling window and image terms, projections per U call without a gradient, projections per recomputed U
+        call in training (0: none), the p, the projections per U
         call and the windows of ``configs/inference.json``, and the weights of ``TwoPathDiceLoss``: λ and the
         cross-entropy term's).
     """
@@ -132,6 +137,8 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
 
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "train.json"))
+    if crop is not None:
+        parser["roi_size"] = [int(n) for n in crop]
     net = parser.get_parsed_content("network_def")
     reduction = parser.get_parsed_content("reduction")
     t = net.fine_tuning
@@ -139,7 +146,8 @@ def bundle_unet25d() -> tuple[UNet25D, dict]:
     settings = {"num_directions": net.num_directions, "num_subset": int(parser.get_parsed_content("num_subset")),
                 "reduction": reduction if isinstance(reduction, str) else list(reduction),
                 "pool_size": t.kernel_size, "intensity_term": t.intensity is not None, "contrast_size": t.contrast_size,
-                "direction_batch": net.direction_batch, "inference_directions": inference["num_directions"],
+                "direction_batch": net.direction_batch, "recompute": net.recompute,
+                "inference_directions": inference["num_directions"],
                 "inference_direction_batch": inference["direction_batch"],
                 "inference_roi_size": inference["sw_roi_size"], "inference_overlap": inference["sw_overlap"],
                 "main_weight": float(parser.get_parsed_content("main_weight")),
@@ -284,7 +292,7 @@ def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | 
     y = (torch.rand(1, 1, *size) > 0.95).float()
     loss_fn, words = bundle_loss(model)
     if model == "unet25d":
-        net, settings = bundle_unet25d()
+        net, settings = bundle_unet25d(size)
         num_subset = settings["num_subset"] if num_subset is None else num_subset
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         run = lambda: two_path_step(net, optimizer, loss_fn, x, y, num_subset)  # noqa: E731
@@ -304,7 +312,8 @@ def train_step(model: str, size: Sequence[int], repeats: int, num_subset: int | 
     settle_s = settle_threads()
     probe = MemoryProbe()
     times = time_repeats(run, repeats)
-    return {**_summary(times, probe, settle_s, run), "loss": words}
+    recompute = {"recompute": net.recompute} if isinstance(net, UNet25D) else {}
+    return {**_summary(times, probe, settle_s, run), "loss": words, **recompute}
 
 
 def operators(size: Sequence[int], num_directions: int, repeats: int) -> dict:

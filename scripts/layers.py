@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from scripts.operators import exporting
+
 __all__ = ["Filtration", "FineTuning", "EvalSigmoid", "FILTER_INITS", "box_mean"]
 
 FILTER_INITS = ("identity", "ramp")
@@ -192,23 +194,47 @@ class FineTuning(nn.Module):
         """
         shape = (1, -1, 1, 1, 1)
         if torch.is_grad_enabled():
-            pooled = x if self.kernel_size == 1 else self._pool(x)  # a window of one voxel: no copy to keep
-            z = pooled * self.scale.view(shape) + self.shift.view(shape)
-            return torch.sigmoid(self._add_intensity(z, image, False))
+            return torch.sigmoid(self.logits(x, image))
         # inference: one volume-sized buffer instead of three, or none at all
         pooled = self._pool_inplace(x) if inplace else self._pool(x)
         pooled = pooled.mul_(self.scale.view(shape)).add_(self.shift.view(shape))
         return self._add_intensity(pooled, image, True).sigmoid_()
 
-    def _add_intensity(self, z: torch.Tensor, image: torch.Tensor | None, inplace: bool) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """``T(x)`` before its sigmoid, a new tensor ``(B, K, H, W, D)`` (for a loss that applies the sigmoid itself).
+
+        ``image`` is the network's input, read by the intensity term (ignored without one). Where a gradient is
+        recorded, the scale, shift and image terms are one autograd node (:class:`_FineTuningLogits`): it keeps
+        the pooled volume for the scale's gradient and nothing else (torch's ops would also keep the image's
+        local mean, and make a new volume for each term). TorchScript and exports take the same sum as torch ops.
+        """
+        shape = (1, -1, 1, 1, 1)
+        pooled = x if self.kernel_size == 1 else self._pool(x)  # a window of one voxel: no copy to keep
+        if not torch.jit.is_scripting():
+            if not exporting() and torch.is_grad_enabled():
+                self._check_image(pooled, image)
+                return _FineTuningLogits.apply(
+                    pooled, image, self.scale, self.shift, self.intensity, self.contrast, self
+                )
+        z = pooled * self.scale.view(shape) + self.shift.view(shape)
+        return self._add_intensity(z, image, False)
+
+    def _check_image(self, z: torch.Tensor, image: torch.Tensor | None) -> None:
         weight = self.intensity
         if weight is None:
-            return z
+            return
         if image is None:
             raise ValueError("this fine-tuning layer has an intensity term: pass the image.")
         if image.shape[1] != weight.shape[1] or image.shape[2:] != z.shape[2:]:
             spatial = ", ".join(str(n) for n in z.shape[2:])
             raise ValueError(f"the image must have shape (B, {weight.shape[1]}, {spatial}), got {list(image.shape)}.")
+
+    def _add_intensity(self, z: torch.Tensor, image: torch.Tensor | None, inplace: bool) -> torch.Tensor:
+        weight = self.intensity
+        if weight is None:
+            return z
+        self._check_image(z, image)
+        assert image is not None  # for TorchScript; _check_image raised otherwise
         contrast = self.contrast
         for c in range(weight.shape[1]):
             channel = image[:, c : c + 1]
@@ -229,18 +255,27 @@ class FineTuning(nn.Module):
                                 slab_elements: int = 1 << 18) -> None:
         """``z += tap * box_mean(channel)``, one slab of rows along H at a time: a few slabs of
         extra memory instead of the local mean's volume (``channel`` ``(B, 1, H, W, D)`` is only read)."""
+        h = channel.shape[2]
+        rows = self._slab_rows(channel, slab_elements)
+        h0 = 0
+        while h0 < h:  # not range(): under torch.export the sizes are symbolic, and range() would fix them
+            h1 = min(h0 + rows, h)
+            z[:, :, h0:h1].addcmul_(self._local_mean_slab(channel, h0, h1), tap)
+            h0 = h1
+
+    def _slab_rows(self, channel: torch.Tensor, slab_elements: int) -> int:
+        """Rows along H of a slab of about ``slab_elements`` (at least the local-contrast window)."""
+        per_row = channel.shape[0] * channel.shape[1] * channel.shape[3] * channel.shape[4]
+        return max(self.contrast_size, slab_elements // max(per_row, 1))
+
+    def _local_mean_slab(self, channel: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
+        """Rows ``h0:h1`` of ``box_mean(channel, contrast_size)``, from those rows and ``contrast_size // 2`` on
+        either side."""
         k = self.contrast_size
         r = k // 2
-        h = channel.shape[2]
-        per_row = channel.shape[0] * channel.shape[3] * channel.shape[4]
-        rows = max(k, slab_elements // max(per_row, 1))
-        h0 = 0
-        while h0 < h:
-            h1 = min(h0 + rows, h)
-            lo = max(h0 - r, 0)
-            block = box_mean(channel[:, :, lo : min(h1 + r, h)], k)
-            z[:, :, h0:h1].addcmul_(block[:, :, h0 - lo : h1 - lo], tap)
-            h0 = h1
+        lo = max(h0 - r, 0)
+        block = box_mean(channel[:, :, lo : min(h1 + r, channel.shape[2])], k)
+        return block[:, :, h0 - lo : h1 - lo]
 
     def _pool_inplace(self, x: torch.Tensor, slab_elements: int = 1 << 18) -> torch.Tensor:
         """:meth:`_pool` written over ``x``, one slab of rows along H at a time (same values).
@@ -274,6 +309,63 @@ class FineTuning(nn.Module):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled volume, a new tensor (``x`` itself is not changed)."""
         return box_mean(x, self.kernel_size)
+
+
+def _channel_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a[:, k] * b[:, c])`` over batch and space, ``(K, C)`` (float32 or wider), for ``a`` ``(B, K, ...)``
+    and ``b`` ``(B, C, ...)`` of the same spatial shape: one batched matrix product, no product volume."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a3 = a.reshape(a.shape[0], a.shape[1], -1).to(dtype)
+    b3 = b.reshape(b.shape[0], b.shape[1], -1).to(dtype)
+    return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
+
+
+class _FineTuningLogits(torch.autograd.Function):
+    """``pooled * scale + shift + sum_c (w_c + v_c) x_c - v_c box_mean(x_c)`` per class (``FineTuning.logits``).
+
+    Forward writes the sum into one new volume (the local mean added slab by slab); backward recomputes the local
+    mean slab by slab for the contrast weights' gradient, so the node keeps the pooled volume (for the scale's
+    gradient) and the image (the network's input), nothing else. Gradients: ``pooled``: ``g * scale``; ``scale``:
+    ``sum(g pooled)``; ``shift``: ``sum(g)``; ``w``: ``sum(g x)``; ``v``: ``sum(g (x - box_mean(x)))``.
+    """
+
+    @staticmethod
+    def forward(ctx, pooled, image, scale, shift, intensity, contrast, layer):
+        shape = (1, -1, 1, 1, 1)
+        z = torch.addcmul(shift.view(shape), pooled, scale.view(shape))
+        if intensity is not None:
+            for c in range(intensity.shape[1]):
+                channel = image[:, c : c + 1]
+                tap = intensity[:, c] if contrast is None else intensity[:, c] + contrast[:, c]
+                z.addcmul_(channel, tap.view(shape))
+                if contrast is not None:
+                    layer._add_local_mean_inplace(z, channel, -contrast[:, c].view(shape))
+        ctx.save_for_backward(pooled, image, scale, intensity, contrast)
+        ctx.layer = layer
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        pooled, image, scale, intensity, contrast = ctx.saved_tensors
+        layer = ctx.layer
+        grad_pooled = grad * scale.view(1, -1, 1, 1, 1) if ctx.needs_input_grad[0] else None
+        grad_scale = _channel_products(grad, pooled).diagonal().to(scale.dtype)
+        grad_shift = grad.sum((0, 2, 3, 4)).to(scale.dtype)
+        grad_intensity = grad_contrast = None
+        if intensity is not None:
+            products = _channel_products(grad, image)
+            grad_intensity = products.to(intensity.dtype)
+            if contrast is not None:
+                local = torch.zeros_like(products)
+                for c in range(image.shape[1]):
+                    channel = image[:, c : c + 1]
+                    step = layer._slab_rows(channel, 1 << 18)
+                    for h0 in range(0, channel.shape[2], step):
+                        h1 = min(h0 + step, channel.shape[2])
+                        mean = layer._local_mean_slab(channel, h0, h1)
+                        local[:, c : c + 1] += _channel_products(grad[:, :, h0:h1], mean)
+                grad_contrast = (products - local).to(contrast.dtype)
+        return grad_pooled, None, grad_scale, grad_shift, grad_intensity, grad_contrast, None
 
 
 class EvalSigmoid(nn.Module):

@@ -2,7 +2,10 @@
 
 Optionally each path's Dice loss gets a binary cross-entropy term (``bce_weight``), as MONAI's
 ``DiceCELoss`` adds cross-entropy to Dice: Dice alone weighs a voxel by the size of its
-structure's overlap, cross-entropy weighs every voxel alike.
+structure's overlap, cross-entropy weighs every voxel alike. On probabilities by default; with
+``sigmoid=True`` the same loss of logits (the sigmoid applied inside, as MONAI's ``DiceLoss(sigmoid=True)``),
+computed by :func:`sigmoid_dice_bce`, whose backward writes the gradient of every path into one
+tensor, chunk by chunk, with no other volume-sized temporaries.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from torch import nn
 # float32) would otherwise give gradients of about 1 / 1e-12 (torch's own clamp of the denominator)
 EPS = 1e-6
 
-__all__ = ["TwoPathDiceLoss", "clamped_bce"]
+# elements of each (sample, path, channel) row that sigmoid_dice_bce handles at once: temporaries of
+# 2^17 float32 values per row, whatever the volume's size
+CHUNK = 1 << 17
+
+# the arguments of MONAI's DiceLoss that sigmoid_dice_bce computes itself; any other selects MONAI's DiceLoss
+FUSED_DICE_ARGS = ("smooth_nr", "smooth_dr", "batch")
+
+__all__ = ["TwoPathDiceLoss", "clamped_bce", "sigmoid_dice_bce"]
 
 
 class _ClampedBCE(torch.autograd.Function):
@@ -61,14 +71,150 @@ def clamped_bce(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _ClampedBCE.apply(prediction, target)
 
 
+def _row_sums(z: torch.Tensor, t: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+    """Sums along the last axis, one chunk of it at a time: ``sum(p t)``, ``sum(p)``, ``sum(t)`` and the summed
+    cross-entropy ``-(t log c + (1 - t) log(1 - c))``, with ``p = sigmoid(z)`` and ``c`` its clamp into
+    ``[EPS, 1 - EPS]`` (as :func:`clamped_bce`); float32 (or float64).
+
+    Args:
+        z: logits ``(B, P, K, M)``.
+        t: targets ``(B, 1, K, M)``.
+
+    Returns:
+        four tensors, ``(B, P, K)`` but ``sum(t)``: ``(B, 1, K)``.
+    """
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    rows = z.shape[:3]
+    intersection = torch.zeros(rows, dtype=dtype, device=z.device)
+    predicted = torch.zeros(rows, dtype=dtype, device=z.device)
+    cross_entropy = torch.zeros(rows, dtype=dtype, device=z.device)
+    truth = torch.zeros(t.shape[:3], dtype=dtype, device=z.device)
+    for start in range(0, z.shape[-1], chunk):
+        zc = z[..., start : start + chunk].to(dtype)
+        tc = t[..., start : start + chunk].to(dtype)
+        p = torch.sigmoid(zc)
+        intersection += (p * tc).sum(-1)
+        predicted += p.sum(-1)
+        truth += tc.sum(-1)
+        c = p.clamp(EPS, 1 - EPS)
+        cross_entropy -= torch.log1p(-c).lerp_(c.log_(), tc).sum(-1)
+    return intersection, predicted, truth, cross_entropy
+
+
+class _SigmoidDiceBCE(torch.autograd.Function):
+    """Per-path ``Dice(sigmoid(z), t) + bce_weight * BCE(sigmoid(z), t)`` of logits ``(B, P, K, ...)``; see
+    :func:`sigmoid_dice_bce`.
+
+    Where the logits need a gradient, the forward also computes it, for a unit weight of every path's loss, and
+    keeps only that: not the logits, which can then be freed as soon as nothing else holds them (a training step
+    does not keep the network's output). The backward hands it on, scaled by the paths' weights where they are
+    not all 1.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, first, bce_weight, smooth_nr, smooth_dr, batch, chunk):
+        b, k = logits.shape[0], logits.shape[2] - first
+        z = logits[:, :, first:].flatten(3)  # (B, P, K', M): a view of a contiguous prediction
+        t = target[:, first:].flatten(2).unsqueeze(1)  # (B, 1, K', M)
+        intersection, predicted, truth, cross_entropy = _row_sums(z, t, chunk)
+        if batch:  # one Dice per path and channel over the whole batch, as MONAI's DiceLoss(batch=True)
+            intersection, predicted, truth = (s.sum(0, keepdim=True) for s in (intersection, predicted, truth))
+        denominator = predicted + truth + smooth_dr
+        numerator = 2.0 * intersection + smooth_nr
+        terms = denominator.shape[0] * k  # Dice terms averaged per path
+        elements = b * k * z.shape[-1]
+        losses = (1.0 - numerator / denominator).sum((0, 2)) / terms + bce_weight * cross_entropy.sum((0, 2)) / elements
+        if ctx.needs_input_grad[0]:
+            # d Dice / d p = alpha t + beta for each (sample, path, channel)
+            alpha = -2.0 / (denominator * terms)
+            beta = numerator / (denominator * denominator * terms)
+            # saved as a tensor (not a ctx attribute): autograd frees it once the backward has used it
+            ctx.save_for_backward(_logit_gradient(logits, z, t, alpha, beta, bce_weight / elements, first, chunk))
+        return losses.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad,) = ctx.saved_tensors
+        weights = grad_losses.to(grad.dtype)
+        if not bool((weights == 1).all()):
+            grad = grad * weights.view((1, -1) + (1,) * (grad.dim() - 2))
+        return grad, None, None, None, None, None, None, None
+
+
+def _logit_gradient(logits, z, t, alpha, beta, gamma, first, chunk) -> torch.Tensor:
+    """The gradient of :class:`_SigmoidDiceBCE`'s losses (each of weight 1) with respect to ``logits``, a new
+    tensor of its shape, written chunk by chunk; ``z``, ``t``: the logits and targets of the channels that count,
+    ``(B, P, K', M)`` and ``(B, 1, K', M)``; ``alpha``, ``beta``: ``(B or 1, P, K')``."""
+    alpha, beta = alpha.unsqueeze(-1), beta.unsqueeze(-1)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad[:, :, :first] = 0.0  # channels the loss leaves out
+    out = grad[:, :, first:].view(grad.shape[0], grad.shape[1], grad.shape[2] - first, -1)
+    for start in range(0, z.shape[-1], chunk):
+        zc = z[..., start : start + chunk].to(alpha.dtype)
+        tc = t[..., start : start + chunk].to(alpha.dtype)
+        p = torch.sigmoid(zc)
+        # (alpha t + beta) p (1 - p) for the Dice; gamma (p - t) for the cross-entropy, 0 where the clamp is
+        # active (d/dp of the cross-entropy is (p - t) / (p (1 - p)) inside the clamp)
+        g = torch.addcmul(beta, alpha, tc).mul_(p).mul_(1.0 - p)
+        inside = (p >= EPS) & (p <= 1 - EPS)
+        out[..., start : start + chunk] = g.add_(p.sub_(tc).mul_(inside), alpha=gamma)
+    return grad
+
+
+def sigmoid_dice_bce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bce_weight: float = 0.0,
+    first_channel: int = 0,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """The loss of each of ``P`` predictions of logits against one target: ``Dice + bce_weight * BCE``.
+
+    The Dice loss of ``sigmoid(logits)`` as MONAI's ``DiceLoss(sigmoid=True)`` computes it (the mean over samples
+    and channels of ``1 - (2 sum(p t) + smooth_nr) / (sum(p) + sum(t) + smooth_dr)``; with ``batch`` the sums run
+    over the batch too), plus ``bce_weight`` times the mean binary cross-entropy of ``sigmoid(logits)`` clamped
+    into ``[EPS, 1 - EPS]`` (:func:`clamped_bce`), both on channels ``first_channel`` onwards: the loss of
+    :class:`TwoPathDiceLoss` on the probabilities, value and gradient. Forward and backward run
+    over the volume ``chunk`` elements at a time, and the backward writes the logits' gradient straight into one
+    new tensor: no volume-sized temporaries, where the same loss from torch's ops holds several (the sigmoid,
+    its product with the target, the gradients of each path and their sum).
+
+    Args:
+        logits: ``(B, P, K, ...)``, e.g. the two paths ``(B, 2, K, H, W, D)`` of random 2.5D training.
+        target: ``(B, K, ...)`` in ``[0, 1]``, the same for every path; no gradient flows into it.
+        bce_weight: weight of the cross-entropy term.
+        first_channel: the first channel that counts (1 leaves out a background channel 0).
+        smooth_nr, smooth_dr, batch: as MONAI's ``DiceLoss``.
+        chunk: elements of each row handled at once.
+
+    Returns:
+        ``(P,)``, the loss of each prediction.
+    """
+    if logits.dim() < 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"expected logits (B, P, K, ...) and a target (B, K, ...) of the same B, K and spatial shape, got "
+            f"{list(logits.shape)} and {list(target.shape)}."
+        )
+    if not 0 <= first_channel < logits.shape[2]:
+        raise ValueError(f"first_channel must be in [0, {logits.shape[2]}), got {first_channel}.")
+    return _SigmoidDiceBCE.apply(
+        logits, target.detach(), first_channel, float(bce_weight), float(smooth_nr), float(smooth_dr), bool(batch),
+        int(chunk),
+    )
+
+
 class TwoPathDiceLoss(nn.Module):
-    """Dice loss on both outputs of random 2.5D training, on probabilities.
+    """Dice loss on both outputs of random 2.5D training.
 
     Takes the stacked output of ``UNet25D(x, num_subset=q)``, shape ``(B, 2, K, H, W, D)``
     with the main path ``y`` at index 0 and the auxiliary path ``y_aux`` at 1, and returns
     ``Dice(y_aux, target) + main_weight * Dice(y, target)`` (with ``bce_weight``, each Dice term
     plus ``bce_weight`` times the binary cross-entropy). A plain ``(B, K, H, W, D)`` prediction
-    (e.g. at validation) gets the loss of one path.
+    (e.g. at validation) gets the loss of one path. Probabilities by default; logits with ``sigmoid``
+    (from ``UNet25D(train_logits=True)`` in training mode).
 
     Args:
         main_weight: lambda, the weight of the main path's Dice loss.
@@ -78,6 +224,11 @@ class TwoPathDiceLoss(nn.Module):
             encode into ``K`` channels.
         bce_weight: weight of a binary cross-entropy term added to each path's Dice loss (on the
             same channels, probabilities clamped into ``[1e-6, 1 - 1e-6]``); 0: Dice only.
+        sigmoid: the prediction is logits, and the loss is that of their sigmoid: the same value and
+            gradient as this loss of ``torch.sigmoid(prediction)``, where the network's sigmoid moves into the
+            loss. With no further ``DiceLoss`` arguments than ``smooth_nr``, ``smooth_dr`` and ``batch``,
+            computed by :func:`sigmoid_dice_bce`, which needs a fraction of the memory (the stored sigmoid,
+            the gradients of each path and of each term are never whole volumes).
         kwargs: further arguments of MONAI's ``DiceLoss`` (``smooth_nr``, ``batch``, ...).
 
     Shapes:
@@ -91,6 +242,7 @@ class TwoPathDiceLoss(nn.Module):
         include_background: bool = True,
         to_onehot_y: bool = False,
         bce_weight: float = 0.0,
+        sigmoid: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -102,9 +254,10 @@ class TwoPathDiceLoss(nn.Module):
         self.bce_weight = bce_weight
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
-        self.dice = DiceLoss(
-            include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=False, **kwargs
-        )
+        self.sigmoid = sigmoid
+        self.fused = sigmoid and set(kwargs) <= set(FUSED_DICE_ARGS)
+        # the sigmoid is applied here (path_loss) for the cross-entropy's sake too, not by MONAI's DiceLoss
+        self.dice = DiceLoss(include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=False, **kwargs)
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if prediction.dim() == target.dim():
@@ -124,18 +277,45 @@ class TwoPathDiceLoss(nn.Module):
                 "expected the two-path prediction (B, 2, K, ...) or a plain one (B, K, ...) for a target of shape "
                 f"{list(target.shape)}, got {list(prediction.shape)}."
             )
+        if self._fuses(target):
+            main, aux = self._fused(prediction, target).unbind(0)
+            return aux, main
         # one unbind, not two indexings: its backward writes both gradients into one new tensor
         # where each index's backward would allocate a zero tensor of the whole prediction
         main, aux = prediction.unbind(1)
         return self.path_loss(aux, target), self.path_loss(main, target)
 
     def path_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss of one output: ``Dice + bce_weight * BCE``, prediction ``(B, K, ...)`` probabilities."""
+        """The loss of one output: ``Dice + bce_weight * BCE``, prediction ``(B, K, ...)`` probabilities (logits
+        with ``sigmoid``)."""
+        if self._fuses(target):
+            return self._fused(prediction.unsqueeze(1), target)[0]
+        if self.sigmoid:
+            prediction = torch.sigmoid(prediction)
         loss = self.dice(prediction, target)
         if self.bce_weight == 0:
             return loss
-        if self.to_onehot_y:
-            target = one_hot(target, num_classes=prediction.shape[1])
+        target = self._dense(target, prediction.shape[1])
         if not self.include_background and prediction.shape[1] > 1:
             prediction, target = prediction[:, 1:], target[:, 1:]
         return loss + self.bce_weight * clamped_bce(prediction, target)
+
+    def _fuses(self, target: torch.Tensor) -> bool:
+        return self.fused and not target.requires_grad
+
+    def _dense(self, target: torch.Tensor, channels: int) -> torch.Tensor:
+        return one_hot(target, num_classes=channels) if self.to_onehot_y else target
+
+    def _fused(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """:func:`sigmoid_dice_bce` of ``(B, P, K, ...)`` logits with this loss's settings: ``(P,)``."""
+        channels = logits.shape[2]
+        target = self._dense(target, channels)
+        if target.shape != logits.shape[:1] + logits.shape[2:]:
+            raise ValueError(
+                f"the target has shape {list(target.shape)}, the prediction of each path "
+                f"{list(logits.shape[:1] + logits.shape[2:])}."
+            )
+        first = 1 if not self.include_background and channels > 1 else 0
+        return sigmoid_dice_bce(
+            logits, target, self.bce_weight, first, self.dice.smooth_nr, self.dice.smooth_dr, self.dice.batch
+        )

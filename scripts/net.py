@@ -7,11 +7,25 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import UNet
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from scripts.layers import Filtration, FineTuning
 from scripts.operators import Backprojection, Projection, exporting
 
 __all__ = ["UNet25D"]
+
+
+def _keep_convolutions():
+    """Contexts of ``torch.utils.checkpoint`` (``context_fn``) that keep the outputs of ``U``'s convolutions and
+    recompute the rest (normalisations, activations, sums, concatenations) in the backward: the convolutions are
+    most of the forward's time, the rest most of its feature maps."""
+    return create_selective_checkpoint_contexts(_save_convolutions)
+
+
+def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op == torch.ops.aten.convolution.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class UNet25D(nn.Module):
@@ -61,9 +75,18 @@ class UNet25D(nn.Module):
             sigmoid (:class:`scripts.layers.FineTuning`; beyond the paper, off by default).
         contrast_size: with ``intensity_term``, ``T`` also adds a learned multiple of the image's
             local contrast (intensity minus its mean over a ``contrast_size``³ window); 0: none.
+        recompute: where a gradient is recorded (path 1), run ``U`` on ``recompute`` projections at a time
+            under ``torch.utils.checkpoint``, keeping the outputs of its convolutions and recomputing the rest
+            (normalisations, activations, skip concatenations) in the backward, one call at a time: a training
+            step then holds the convolution outputs of the ``q`` projections and the other feature maps of
+            ``recompute`` of them, instead of all of them, for a partial second forward of ``U`` (the same
+            values and gradients; the time it costs weighs more the smaller the crop). 0: no recomputation.
+        train_logits: in training mode, return logits (the outputs of both paths before their sigmoids)
+            for a loss that applies the sigmoid itself (``TwoPathDiceLoss(sigmoid=True)``, as MONAI's
+            ``DiceCELoss(sigmoid=True)``); eval mode gives probabilities either way.
 
     Shapes:
-        ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities, for any ``H, W >= 2`` and
+        ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities (logits with ``train_logits`` in training mode), for any ``H, W >= 2`` and
         any ``D``; the projections ``(N_s, D)`` get ``margin`` bins on every side, are padded
         to a multiple of the U-Net's total stride and cropped back. With ``num_subset = q > 0``: ``(B, 2, K, H, W, D)``,
         index 0 the main path ``y`` and 1 the auxiliary path ``y_aux`` (as MONAI's
@@ -98,6 +121,8 @@ class UNet25D(nn.Module):
         direction_batch: int = 4,
         intensity_term: bool = False,
         contrast_size: int = 0,
+        train_logits: bool = False,
+        recompute: int = 0,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -106,6 +131,8 @@ class UNet25D(nn.Module):
             raise ValueError(f"num_directions (p) must be at least 1, got {num_directions}.")
         if margin < 0:
             raise ValueError(f"margin must be at least 0, got {margin}.")
+        if recompute < 0:
+            raise ValueError(f"recompute must be at least 0 (0: off), got {recompute}.")
         if direction_batch < 0:
             raise ValueError(f"direction_batch must be at least 0 (0: no limit), got {direction_batch}.")
         if len(strides) != len(channels) - 1:
@@ -119,6 +146,8 @@ class UNet25D(nn.Module):
         self.divisor = divisor
         self.margin = margin
         self.direction_batch = direction_batch
+        self.train_logits = train_logits
+        self.recompute = recompute
         reductions = [reduction] if isinstance(reduction, str) else list(reduction)
         if not reductions:
             raise ValueError("reduction must name at least one of 'max', 'sum', 'min'.")
@@ -143,29 +172,41 @@ class UNet25D(nn.Module):
         self.fine_tuning = FineTuning(out_channels, pool_size, in_channels if intensity_term else 0, contrast_size)
 
     def forward(self, x: torch.Tensor, num_subset: int = 0) -> torch.Tensor:
-        """Probabilities over all directions; with ``num_subset > 0`` both training paths."""
+        """Probabilities over all directions; with ``num_subset > 0`` both training paths (logits in training
+        mode with ``train_logits``)."""
         self._check_input(x)
+        logits = self.train_logits and self.training
         if num_subset > 0:
-            y_aux, y = self.two_paths(x, num_subset)
-            return torch.stack([y, y_aux], 1)
+            z_aux, z = self.two_path_logits(x, num_subset)
+            # one stack of the logits and one sigmoid: no copy of two probability volumes
+            stacked = torch.stack([z, z_aux], 1)
+            return stacked if logits else torch.sigmoid(stacked)
         p = self.num_directions
         h, w = x.shape[2], x.shape[3]
         q = self.filtration(self.segment(self.project(x, p)), p)
+        r = self.backprojection(q, h, w, p)
+        if logits:
+            return self.fine_tuning.logits(r, x)
         # without a gradient, T overwrites R's output (a fresh tensor) instead of allocating a volume
         inplace = not torch.is_grad_enabled()
         if not torch.jit.is_scripting():
             if exporting():
                 inplace = False
-        return self.fine_tuning(self.backprojection(q, h, w, p), inplace, x)
+        return self.fine_tuning(r, inplace, x)
 
     def two_paths(self, x: torch.Tensor, num_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y_aux, y)`` of random 2.5D training, each ``(B, K, H, W, D)``.
+        """``(y_aux, y)`` of random 2.5D training, probabilities, each ``(B, K, H, W, D)``.
 
         Args:
             x: the volume, ``(B, C, H, W, D)``.
             num_subset: q, the size of path 1's random subset of directions, ``1 <= q <= p``
                 (a fresh subset each call, from torch's global random generator).
         """
+        z_aux, z = self.two_path_logits(x, num_subset)
+        return torch.sigmoid(z_aux), torch.sigmoid(z)
+
+    def two_path_logits(self, x: torch.Tensor, num_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits ``(z_aux, z)`` of :meth:`two_paths`, whose sigmoids are ``(y_aux, y)``; each ``(B, K, H, W, D)``."""
         p = self.num_directions
         if num_subset < 1 or num_subset > p:
             raise ValueError(f"num_subset (q) must be between 1 and num_directions (p = {p}), got {num_subset}.")
@@ -177,7 +218,7 @@ class UNet25D(nn.Module):
         projections = self.project(x, p)
         dirs: list[int] = subset.tolist()
         logits = self.segment(projections[:, subset.to(x.device)])
-        y_aux = torch.sigmoid(self.backprojection(self.filtration(logits, p, dirs), h, w, p, dirs))
+        z_aux = self.backprojection(self.filtration(logits, p, dirs), h, w, p, dirs)
         # path 2: U frozen; the subset's logits are reused, the other directions run without a graph
         all_logits = torch.empty(
             (logits.shape[0], p) + logits.shape[2:], dtype=logits.dtype, device=logits.device
@@ -186,8 +227,8 @@ class UNet25D(nn.Module):
         if num_subset < p:
             with torch.no_grad():
                 all_logits[:, rest.to(x.device)] = self.segment(projections[:, rest.to(x.device)])
-        y = self.fine_tuning(self.backprojection(self.filtration(all_logits, p), h, w, p), False, x)
-        return y_aux, y
+        z = self.fine_tuning.logits(self.backprojection(self.filtration(all_logits, p), h, w, p), x)
+        return z_aux, z
 
     def project(self, x: torch.Tensor, num_directions: int) -> torch.Tensor:
         """``M`` with every reduction: ``(B, C, H, W, D) -> (B, p, C * len(reduction), N_s, D)``."""
@@ -205,6 +246,15 @@ class UNet25D(nn.Module):
         if m > 0 or pad_s > 0 or pad_d > 0:
             images = nn.functional.pad(images, [m, m + pad_d, m, m + pad_s], mode="replicate")
         n, chunk = b * p, self.direction_batch
+        if not torch.jit.is_scripting():
+            if self.recompute > 0 and torch.is_grad_enabled() and not exporting():
+                step = self.recompute
+                parts = [
+                    checkpoint(self.unet, images[i : i + step], use_reentrant=False, context_fn=_keep_convolutions)
+                    for i in range(0, n, step)
+                ]
+                logits = (parts[0] if len(parts) == 1 else torch.cat(parts))[:, :, m : m + n_s, m : m + d]
+                return logits.reshape(b, p, self.out_channels, n_s, d)
         if chunk <= 0 or n <= chunk or torch.is_grad_enabled():
             logits = self.unet(images)[:, :, m : m + n_s, m : m + d]
         else:

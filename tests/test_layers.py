@@ -206,3 +206,31 @@ def test_eval_sigmoid(shape):
     torch.testing.assert_close(x.grad, torch.sigmoid(x).detach())
     scripted = torch.jit.script(head.eval())
     torch.testing.assert_close(scripted(x.detach()), torch.sigmoid(x.detach()))
+
+
+@parameterized.expand([[1, 1, 1, 5], [2, 3, 3, 3], [1, 0, 1, 0], [3, 2, 1, 0], [1, 2, 3, 7]])
+def test_fine_tuning_logits_node_is_torch_ops(k, c, pool, size):
+    """FineTuning.logits with a gradient (one autograd node that recomputes the local mean) against the same sum
+    from torch's ops: values and the gradients of the input and of every parameter; and gradcheck."""
+    torch.manual_seed(k + c)
+    t = FineTuning(k, pool, c, size).double()
+    with torch.no_grad():
+        for parameter in t.parameters():
+            parameter.uniform_(-2, 2)
+    x = torch.randn(2, k, 9, 7, 5, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(2, c, 9, 7, 5, dtype=torch.float64) if c else None
+    z = t.logits(x, image)
+    shape = (1, -1, 1, 1, 1)
+    expected = (x if pool == 1 else box_mean(x, pool)) * t.scale.view(shape) + t.shift.view(shape)
+    if c:
+        expected = expected + torch.einsum("kc,bc...->bk...", t.intensity, image)
+        if size:
+            expected = expected + torch.einsum("kc,bc...->bk...", t.contrast, image - box_mean(image, size))
+    assert torch.allclose(z, expected, atol=1e-12)
+    weights = torch.randn_like(z)
+    inputs = [x, *t.parameters()]
+    for mine, theirs in zip(torch.autograd.grad(z, inputs, weights), torch.autograd.grad(expected, inputs, weights)):
+        assert torch.allclose(mine, theirs, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda v: t.logits(v, image), (x,))
+    with torch.no_grad():  # without a gradient, the same sum from torch's ops
+        assert torch.allclose(t.logits(x, image), expected, atol=1e-12)

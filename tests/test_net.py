@@ -158,11 +158,67 @@ def test_bad_input_raises(_, x):
         [dict(in_channels=0)],
         [dict(margin=-1)],
         [dict(direction_batch=-1)],
+        [dict(recompute=-1)],
     ]
 )
 def test_bad_hyper_parameters_raise(kwargs):
     with pytest.raises(ValueError):
         UNet25D(**kwargs)
+
+
+TRAINING_OPTIONS = dict(num_directions=6, reduction=("max", "sum"), intensity_term=True, contrast_size=3, **TINY)
+
+
+@parameterized.expand([[False], [True]])
+def test_train_logits_are_the_logits_of_the_probabilities(intensity_term):
+    """train_logits: logits in training mode (both paths and the plain forward), whose sigmoids are the
+    probabilities of the same network without the option; eval mode gives probabilities either way."""
+    kwargs = dict(TRAINING_OPTIONS, intensity_term=intensity_term, contrast_size=3 if intensity_term else 0)
+    torch.manual_seed(0)
+    net = UNet25D(**kwargs)
+    logits_net = UNet25D(train_logits=True, **kwargs)
+    logits_net.load_state_dict(net.state_dict())
+    x = torch.rand(1, 1, 17, 15, 8)
+    for q in (3, 0):
+        torch.manual_seed(1)
+        probabilities = net(x, num_subset=q)
+        torch.manual_seed(1)
+        logits = logits_net(x, num_subset=q)
+        assert logits.shape == probabilities.shape and (logits < 0).any()
+        assert torch.allclose(torch.sigmoid(logits), probabilities, atol=1e-6)
+    with eval_mode(net, logits_net):
+        assert torch.allclose(logits_net(x), net(x), atol=1e-6)
+
+
+@parameterized.expand([[1], [2], [4]])
+def test_recompute_gives_the_same_step(recompute):
+    """Path 1's U under checkpoints (convolution outputs kept, the rest recomputed): the same loss and the same
+    gradient of every parameter as keeping all feature maps."""
+    torch.manual_seed(0)
+    net = UNet25D(**TRAINING_OPTIONS)
+    lean = UNet25D(recompute=recompute, **TRAINING_OPTIONS)
+    lean.load_state_dict(net.state_dict())
+    x = torch.rand(1, 1, 17, 15, 8)
+    label = (x > 0.7).float()
+    loss = TwoPathDiceLoss(bce_weight=1.0)
+    values = []
+    for model in (net, lean):
+        torch.manual_seed(3)
+        value = loss(model(x, num_subset=4), label)
+        value.backward()
+        values.append(value.detach())
+    assert torch.allclose(values[0], values[1])
+    for (name, a), b in zip(net.named_parameters(), lean.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_torchscript_of_the_training_options():
+    """recompute and train_logits (and the autograd nodes of training) leave the scripted model as it was."""
+    net = UNet25D(recompute=2, train_logits=True, **TRAINING_OPTIONS)
+    x = torch.rand(1, 1, 19, 16, 9)
+    with eval_mode(net):
+        scripted = torch.jit.script(net)
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
 
 
 @parameterized.expand([[0], [5]])

@@ -8,7 +8,7 @@ from monai.engines import SupervisedTrainer
 from monai.losses import DiceLoss
 from parameterized import parameterized
 
-from scripts.losses import EPS, TwoPathDiceLoss, clamped_bce
+from scripts.losses import EPS, TwoPathDiceLoss, clamped_bce, sigmoid_dice_bce
 from scripts.net import UNet25D
 from scripts.training import TwoPathPrepareBatch, main_path
 
@@ -132,3 +132,126 @@ def test_supervised_trainer_runs_random_two_path_steps():
     assert 0 < trainer.state.output["loss"] <= 2
     after = net.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
+
+
+SIGMOID_CASES = []
+for k, background, onehot in ((1, True, False), (3, False, False), (3, True, True), (2, False, True)):
+    for batch in (False, True):
+        for main_weight, bce_weight in ((1.0, 1.0), (0.5, 0.0), (2.0, 0.3)):
+            SIGMOID_CASES.append([k, background, onehot, batch, main_weight, bce_weight])
+
+
+def _target(k, onehot, shape, soft=False):
+    if onehot:
+        return torch.randint(0, k, (shape[0], 1) + shape[2:]).float()
+    return torch.rand(shape) if soft else (torch.rand(shape) > 0.6).float()
+
+
+@parameterized.expand(SIGMOID_CASES)
+def test_loss_of_logits_is_the_loss_of_their_sigmoid(k, background, onehot, batch, main_weight, bce_weight):
+    """sigmoid=True (the fused path): the value and gradient of the same loss of torch.sigmoid(logits), two-path
+    and plain, saturated logits (where the clamp of the cross-entropy is active) included."""
+    torch.manual_seed(k)
+    shape = (2, k, 6, 7, 5)
+    target = _target(k, onehot, shape, soft=not onehot and batch)
+    logits = torch.randn(2, 2, *shape[1:]) * 6
+    logits.view(-1)[:4] = torch.tensor([40.0, -40.0, 14.0, -14.0])
+    args = dict(main_weight=main_weight, include_background=background, to_onehot_y=onehot, bce_weight=bce_weight,
+                batch=batch)
+    fused, reference = TwoPathDiceLoss(sigmoid=True, **args), TwoPathDiceLoss(**args)
+    assert fused.fused
+    for prediction in (logits, logits[:, 0]):
+        a, b = prediction.clone().requires_grad_(), prediction.clone().requires_grad_()
+        mine, theirs = fused(a, target), reference(torch.sigmoid(b), target)
+        (1.7 * mine).backward()
+        (1.7 * theirs).backward()
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+    aux, main = fused.path_losses(logits, target)
+    assert torch.allclose(aux + main_weight * main, fused(logits, target))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+@pytest.mark.parametrize("first", [0, 1])
+def test_sigmoid_dice_bce_does_not_depend_on_the_chunk(chunk, first):
+    logits = (torch.randn(2, 3, 2, 5, 4, 3, dtype=torch.float64) * 3).requires_grad_()
+    target = (torch.rand(2, 2, 5, 4, 3) > 0.5).double()
+    weights = torch.tensor([0.3, 1.0, 2.0], dtype=torch.float64)
+    losses = sigmoid_dice_bce(logits, target, 0.7, first, chunk=chunk)
+    (losses * weights).sum().backward()
+    whole = logits.detach().clone().requires_grad_()
+    expected = sigmoid_dice_bce(whole, target, 0.7, first, chunk=1 << 20)
+    (expected * weights).sum().backward()
+    assert torch.allclose(losses, expected) and torch.allclose(logits.grad, whole.grad)
+    assert logits.grad[:, :, :first].eq(0).all()  # a left-out channel gets no gradient
+
+
+def test_sigmoid_dice_bce_gradcheck_and_retained_graph():
+    logits = torch.randn(1, 2, 1, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(1, 1, 4, 3, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: sigmoid_dice_bce(z, target, 0.5), (logits,))
+    loss = sigmoid_dice_bce(logits, target).sum()
+    loss.backward(retain_graph=True)
+    once = logits.grad.clone()
+    loss.backward()  # the stored gradient is handed on, not changed
+    assert torch.allclose(logits.grad, 2 * once)
+
+
+def test_sigmoid_dice_bce_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="same B, K"):
+        sigmoid_dice_bce(torch.rand(1, 2, 1, 4, 4), torch.rand(1, 1, 4, 5))
+    with pytest.raises(ValueError, match="first_channel"):
+        sigmoid_dice_bce(torch.rand(1, 2, 1, 4, 4), torch.rand(1, 1, 4, 4), first_channel=1)
+    with pytest.raises(ValueError, match="the target has shape"):
+        TwoPathDiceLoss(sigmoid=True)(torch.rand(1, 2, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 3))
+
+
+def test_loss_of_logits_with_other_dice_arguments_uses_monai():
+    """Arguments the fused path does not compute (here squared_pred) select MONAI's DiceLoss on the sigmoid."""
+    logits, target = torch.randn(1, 2, 1, 5, 5, 5), (torch.rand(1, 1, 5, 5, 5) > 0.5).float()
+    loss = TwoPathDiceLoss(sigmoid=True, squared_pred=True, bce_weight=1.0)
+    assert not loss.fused
+    expected = TwoPathDiceLoss(squared_pred=True, bce_weight=1.0)(torch.sigmoid(logits), target)
+    assert torch.allclose(loss(logits, target), expected)
+
+
+def test_supervised_trainer_trains_on_logits():
+    """train_logits with TwoPathDiceLoss(sigmoid=True) in a real MONAI SupervisedTrainer: logits come out in
+    training, the loss is that of their sigmoid, and every part of the network learns."""
+    net = UNet25D(num_directions=6, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, train_logits=True,
+                  recompute=2)
+    image = torch.rand(1, 1, 15, 13, 9)
+    data = [{"image": image, "label": (image > 0.6).float()}]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=2, train_data_loader=data, network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-2), loss_function=TwoPathDiceLoss(sigmoid=True, bce_weight=1.0),
+        prepare_batch=TwoPathPrepareBatch(2), decollate=False,
+    )
+    trainer.run()
+    pred = trainer.state.output["pred"]
+    assert pred.shape == (1, 2, 1, 15, 13, 9) and (pred < 0).any()  # logits, not probabilities
+    after = net.state_dict()
+    for part in ("unet.", "filtration.", "fine_tuning."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
+
+
+@pytest.mark.parametrize("roi_size, recompute", [([96, 96, 96], 0), ([64, 64, 64], 0), ([128, 128, 128], 3),
+                                                 ([192, 192, 64], 3)])
+def test_train_config_pairs_logits_and_recomputes_for_large_crops(roi_size, recompute):
+    """configs/train.json: the loss takes what the network gives (logits in training, the sigmoid in the loss
+    and in the training metrics' postprocessing); U's feature maps are recomputed from crops of 128³ voxels."""
+    from monai.bundle import ConfigParser
+
+    from tests.bundle_utils import ROOT
+
+    parser = ConfigParser()
+    parser.read_config(f"{ROOT}/configs/train.json")
+    parser["roi_size"] = roi_size
+    net, loss = parser.get_parsed_content("network_def"), parser.get_parsed_content("loss")
+    assert net.recompute == recompute
+    assert net.train_logits and loss.sigmoid and loss.fused
+    post = parser.get_parsed_content("train#postprocessing")
+    logits = torch.tensor([-3.0, -0.1, 0.2, 4.0]).view(1, 1, 4, 1, 1).expand(2, 1, 4, 1, 1)
+    out = post({"pred": logits})["pred"]
+    assert torch.equal(torch.as_tensor(out).view(-1), torch.tensor([0.0, 0.0, 1.0, 1.0]))
