@@ -4,8 +4,8 @@ Optionally each path's Dice loss gets a binary cross-entropy term (``bce_weight`
 ``DiceCELoss`` adds cross-entropy to Dice: Dice alone weighs a voxel by the size of its
 structure's overlap, cross-entropy weighs every voxel alike. On probabilities by default; with
 ``sigmoid=True`` the same loss of logits (the sigmoid applied inside, as MONAI's ``DiceLoss(sigmoid=True)``),
-computed by :func:`sigmoid_dice_bce`, whose backward writes the gradient of every path into one
-tensor, chunk by chunk, with no other volume-sized temporaries.
+computed by :func:`sigmoid_dice_bce`, which writes the gradient of every path into one tensor in its
+forward, chunk by chunk, with no other volume-sized temporaries.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class _SigmoidDiceBCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, first, bce_weight, smooth_nr, smooth_dr, batch, chunk):
+    def forward(ctx, logits, target, first, bce_weight, smooth_nr, smooth_dr, batch, chunk, with_grad):
         b, k = logits.shape[0], logits.shape[2] - first
         z = logits[:, :, first:].flatten(3)  # (B, P, K', M): a view of a contiguous prediction
         t = target[:, first:].flatten(2).unsqueeze(1)  # (B, 1, K', M)
@@ -124,7 +124,7 @@ class _SigmoidDiceBCE(torch.autograd.Function):
         terms = denominator.shape[0] * k  # Dice terms averaged per path
         elements = b * k * z.shape[-1]
         losses = (1.0 - numerator / denominator).sum((0, 2)) / terms + bce_weight * cross_entropy.sum((0, 2)) / elements
-        if ctx.needs_input_grad[0]:
+        if with_grad:  # (needs_input_grad says True under torch.no_grad() too)
             # d Dice / d p = alpha t + beta for each (sample, path, channel)
             alpha = -2.0 / (denominator * terms)
             beta = numerator / (denominator * denominator * terms)
@@ -138,7 +138,7 @@ class _SigmoidDiceBCE(torch.autograd.Function):
         weights = grad_losses.to(grad.dtype)
         if not bool((weights == 1).all()):
             grad = grad * weights.view((1, -1) + (1,) * (grad.dim() - 2))
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _logit_gradient(logits, z, t, alpha, beta, gamma, first, chunk) -> torch.Tensor:
@@ -177,10 +177,10 @@ def sigmoid_dice_bce(
     and channels of ``1 - (2 sum(p t) + smooth_nr) / (sum(p) + sum(t) + smooth_dr)``; with ``batch`` the sums run
     over the batch too), plus ``bce_weight`` times the mean binary cross-entropy of ``sigmoid(logits)`` clamped
     into ``[EPS, 1 - EPS]`` (:func:`clamped_bce`), both on channels ``first_channel`` onwards: the loss of
-    :class:`TwoPathDiceLoss` on the probabilities, value and gradient. Forward and backward run
-    over the volume ``chunk`` elements at a time, and the backward writes the logits' gradient straight into one
-    new tensor: no volume-sized temporaries, where the same loss from torch's ops holds several (the sigmoid,
-    its product with the target, the gradients of each path and their sum).
+    :class:`TwoPathDiceLoss` on the probabilities, value and gradient. The forward runs over the volume
+    ``chunk`` elements at a time and, where a gradient is recorded, writes the logits' gradient straight into one
+    new tensor (the backward hands it on): no volume-sized temporaries, where the same loss from torch's ops holds
+    several (the sigmoid, its product with the target, the gradients of each path and their sum).
 
     Args:
         logits: ``(B, P, K, ...)``, e.g. the two paths ``(B, 2, K, H, W, D)`` of random 2.5D training.
@@ -200,9 +200,10 @@ def sigmoid_dice_bce(
         )
     if not 0 <= first_channel < logits.shape[2]:
         raise ValueError(f"first_channel must be in [0, {logits.shape[2]}), got {first_channel}.")
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
     return _SigmoidDiceBCE.apply(
         logits, target.detach(), first_channel, float(bce_weight), float(smooth_nr), float(smooth_dr), bool(batch),
-        int(chunk),
+        int(chunk), with_grad,
     )
 
 

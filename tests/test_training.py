@@ -255,3 +255,14 @@ def test_train_config_pairs_logits_and_recomputes_for_large_crops(roi_size, reco
     logits = torch.tensor([-3.0, -0.1, 0.2, 4.0]).view(1, 1, 4, 1, 1).expand(2, 1, 4, 1, 1)
     out = post({"pred": logits})["pred"]
     assert torch.equal(torch.as_tensor(out).view(-1), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_sigmoid_dice_bce_computes_no_gradient_without_one():
+    """Under torch.no_grad() (validation, the trainer's loss logging) the loss keeps no gradient volume; with a
+    gradient recorded it keeps exactly one, of the logits' shape."""
+    logits = torch.randn(1, 2, 1, 6, 5, 4, requires_grad=True)
+    target = (torch.rand(1, 1, 6, 5, 4) > 0.5).float()
+    with torch.no_grad():
+        assert sigmoid_dice_bce(logits, target, 1.0).grad_fn is None
+    saved = sigmoid_dice_bce(logits, target, 1.0).grad_fn.saved_tensors
+    assert [tuple(t.shape) for t in saved] == [tuple(logits.shape)]
