@@ -18,6 +18,7 @@ from scripts.benchmark import BENCHMARKS, _window_grid, run, run_child
 from scripts.benchmark_report import (
     TIE_DICE,
     _b2_loss,
+    _b2_recompute,
     _b4_errors_section,
     _b4_section,
     _b5_windows_section,
@@ -416,6 +417,26 @@ def test_bundle_loss_follows_the_configs(model, config, words):
 def test_b2_loss_in_words(rows, network, words_25d, words_3d):
     results = {"B2": {"rows": rows}, "network_25d": network}
     assert (_b2_loss(results, "unet25d"), _b2_loss(results, "unet3d")) == (words_25d, words_3d)
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([{"model": "unet25d", "size": [96, 96, 96], "recompute": 0}, {"model": "unet3d", "size": [96, 96, 96]},
+          {"model": "unet25d", "size": [128, 128, 128], "recompute": 3}], "96×96×96: 0, 128×128×128: 3."),
+        ([{"model": "unet25d", "size": [96, 96, 96]}, {"model": "unet3d", "size": [96, 96, 96]}], ""),  # before 0.11.0
+    ],
+)
+def test_b2_recompute_in_words(rows, expected):
+    words = _b2_recompute({"B2": {"rows": rows}})
+    assert words.endswith(expected) and (not expected or "`recompute`" in words)
+
+
+@pytest.mark.parametrize("crop, recompute", [(None, 0), ((96, 96, 96), 0), ((128, 128, 128), 3)])
+def test_bundle_network_follows_the_crop(crop, recompute):
+    """B2 builds train.json's network for its own crop: recompute as the config sets it for that size."""
+    net, settings = bundle_unet25d(crop)
+    assert net.recompute == settings["recompute"] == recompute and net.train_logits
 
 
 def _errors(thin: float, thick: float, touching: float, precision: float) -> dict:
