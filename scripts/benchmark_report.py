@@ -590,8 +590,8 @@ def _b2_recompute(results: dict) -> str:
     if not rows:
         return ""
     each = ", ".join(f"{size_str(r['size'])}: {r['recompute']}" for r in rows)
-    return (f" `recompute` (projections per recomputed call of `U` in path 1; `configs/train.json` sets 3 for crops "
-            f"of 128³ voxels or more, else 0): {each}.")
+    return (f" `recompute` (projections per recomputed call of `U` in path 1, which `configs/train.json` sets by the "
+            f"crop's size): {each}.")
 
 
 def _network_25d(results: dict) -> str:

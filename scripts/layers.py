@@ -212,7 +212,6 @@ class FineTuning(nn.Module):
         pooled = x if self.kernel_size == 1 else self._pool(x)  # a window of one voxel: no copy to keep
         if not torch.jit.is_scripting():
             if not exporting() and torch.is_grad_enabled():
-                self._check_image(pooled, image)
                 return _FineTuningLogits.apply(
                     pooled, image, self.scale, self.shift, self.intensity, self.contrast, self
                 )
@@ -332,14 +331,8 @@ class _FineTuningLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pooled, image, scale, shift, intensity, contrast, layer):
         shape = (1, -1, 1, 1, 1)
-        z = torch.addcmul(shift.view(shape), pooled, scale.view(shape))
-        if intensity is not None:
-            for c in range(intensity.shape[1]):
-                channel = image[:, c : c + 1]
-                tap = intensity[:, c] if contrast is None else intensity[:, c] + contrast[:, c]
-                z.addcmul_(channel, tap.view(shape))
-                if contrast is not None:
-                    layer._add_local_mean_inplace(z, channel, -contrast[:, c].view(shape))
+        # the image terms as inference adds them, in place (``intensity`` and ``contrast`` are the layer's own)
+        z = layer._add_intensity(torch.addcmul(shift.view(shape), pooled, scale.view(shape)), image, True)
         ctx.save_for_backward(pooled, image, scale, intensity, contrast)
         ctx.layer = layer
         return z

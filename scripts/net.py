@@ -174,13 +174,13 @@ class UNet25D(nn.Module):
     def forward(self, x: torch.Tensor, num_subset: int = 0) -> torch.Tensor:
         """Probabilities over all directions; with ``num_subset > 0`` both training paths (logits in training
         mode with ``train_logits``)."""
-        self._check_input(x)
         logits = self.train_logits and self.training
         if num_subset > 0:
-            z_aux, z = self.two_path_logits(x, num_subset)
+            z_aux, z = self.two_path_logits(x, num_subset)  # which checks x
             # one stack of the logits and one sigmoid: no copy of two probability volumes
             stacked = torch.stack([z, z_aux], 1)
             return stacked if logits else torch.sigmoid(stacked)
+        self._check_input(x)
         p = self.num_directions
         h, w = x.shape[2], x.shape[3]
         q = self.filtration(self.segment(self.project(x, p)), p)
