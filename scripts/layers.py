@@ -342,7 +342,9 @@ class _FineTuningLogits(torch.autograd.Function):
         pooled, image, scale, intensity, contrast = ctx.saved_tensors
         layer = ctx.layer
         grad_pooled = grad * scale.view(1, -1, 1, 1, 1) if ctx.needs_input_grad[0] else None
-        grad_scale = _channel_products(grad, pooled).diagonal().to(scale.dtype)
+        # a dense copy of the diagonal (a view's stride K + 1 is not the parameter's layout: DDP warns)
+        grad_scale = _channel_products(grad, pooled).diagonal().to(scale.dtype, copy=True,
+                                                                   memory_format=torch.contiguous_format)
         grad_shift = grad.sum((0, 2, 3, 4)).to(scale.dtype)
         grad_intensity = grad_contrast = None
         if intensity is not None:

@@ -229,8 +229,10 @@ def test_fine_tuning_logits_node_is_torch_ops(k, c, pool, size):
     assert torch.allclose(z, expected, atol=1e-12)
     weights = torch.randn_like(z)
     inputs = [x, *t.parameters()]
-    for mine, theirs in zip(torch.autograd.grad(z, inputs, weights), torch.autograd.grad(expected, inputs, weights)):
+    for mine, theirs, v in zip(torch.autograd.grad(z, inputs, weights), torch.autograd.grad(expected, inputs, weights),
+                               inputs):
         assert torch.allclose(mine, theirs, atol=1e-10)
+        assert mine.stride() == v.stride()  # the parameter's layout (DistributedDataParallel's buckets expect it)
     assert torch.autograd.gradcheck(lambda v: t.logits(v, image), (x,))
     with torch.no_grad():  # without a gradient, the same sum from torch's ops
         assert torch.allclose(t.logits(x, image), expected, atol=1e-12)
