@@ -1,5 +1,5 @@
-"""The learnable layers around the backprojection: filtration ``F`` and fine-tuning ``T``; and the baselines'
-output head :class:`EvalSigmoid`."""
+"""The learnable layers around the backprojection: filtration ``F`` and fine-tuning ``T``; the baselines'
+output head :class:`EvalSigmoid`; and :func:`instance_to_group_norm`, the faster kernel of ``U``'s instance norm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from scripts.operators import exporting
 
-__all__ = ["Filtration", "FineTuning", "EvalSigmoid", "FILTER_INITS", "box_mean"]
+__all__ = ["Filtration", "FineTuning", "EvalSigmoid", "FILTER_INITS", "box_mean", "instance_to_group_norm"]
 
 FILTER_INITS = ("identity", "ramp")
 
@@ -47,6 +47,31 @@ def box_mean(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
             total.add_(padded.narrow(axis, j, n))
         x = total.div_(_window_counts(x, axis, r))
     return x
+
+
+def instance_to_group_norm(module: nn.Module) -> nn.Module:
+    """``module`` with every instance norm that keeps no running statistics replaced by ``nn.GroupNorm`` with one
+    group per channel, in place; returns ``module``.
+
+    The two normalise each channel of each sample over its spatial positions with the same ``eps``, and their
+    affine weights (if any) have the same names and shapes, so the function and the state dict stay the same
+    (the values agree to float rounding, tested); on the CPU torch's group-norm kernel is several times faster than
+    the instance norm's (which runs as a batch norm over a ``(1, B * C, ...)`` view), forward and backward: about a
+    tenth of a training step of the 2D U-Net at 128^3. An instance norm with running statistics (eval mode uses
+    them) is left as it is.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+            like = {"device": child.weight.device, "dtype": child.weight.dtype} if child.affine else {}
+            group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine, **like)
+            if child.affine:
+                with torch.no_grad():
+                    group.weight.copy_(child.weight)
+                    group.bias.copy_(child.bias)
+            setattr(module, name, group)
+        else:
+            instance_to_group_norm(child)
+    return module
 
 
 def _window_counts(x: torch.Tensor, axis: int, r: int) -> torch.Tensor:

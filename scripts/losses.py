@@ -154,10 +154,15 @@ def _logit_gradient(logits, z, t, alpha, beta, gamma, first, chunk) -> torch.Ten
         tc = t[..., start : start + chunk].to(alpha.dtype)
         p = torch.sigmoid(zc)
         # (alpha t + beta) p (1 - p) for the Dice; gamma (p - t) for the cross-entropy, 0 where the clamp is
-        # active (d/dp of the cross-entropy is (p - t) / (p (1 - p)) inside the clamp)
-        g = torch.addcmul(beta, alpha, tc).mul_(p).mul_(1.0 - p)
+        # active (d/dp of the cross-entropy is (p - t) / (p (1 - p)) inside the clamp); computed in the gradient
+        # itself where it has the sums' dtype (no chunk to copy in), else in a chunk of that dtype
+        o = out[..., start : start + chunk]
+        g = torch.addcmul(beta, alpha, tc, out=o) if o.dtype == alpha.dtype else torch.addcmul(beta, alpha, tc)
+        g.mul_(p).mul_(1.0 - p)
         inside = (p >= EPS) & (p <= 1 - EPS)
-        out[..., start : start + chunk] = g.add_(p.sub_(tc).mul_(inside), alpha=gamma)
+        g.add_(p.sub_(tc).mul_(inside), alpha=gamma)
+        if g is not o:
+            o.copy_(g)
     return grad
 
 

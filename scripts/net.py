@@ -9,7 +9,7 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from scripts.layers import Filtration, FineTuning
+from scripts.layers import Filtration, FineTuning, instance_to_group_norm
 from scripts.operators import Backprojection, Projection, exporting
 
 __all__ = ["UNet25D"]
@@ -55,7 +55,8 @@ class UNet25D(nn.Module):
         strides: strides between the levels; ``len(strides) == len(channels) - 1``.
         num_res_units: residual units per level of the 2D U-Net.
         act: activation of the 2D U-Net.
-        norm: normalisation of the 2D U-Net.
+        norm: normalisation of the 2D U-Net (instance norms without running statistics run as the same
+            function in torch's faster group-norm kernel, :func:`scripts.layers.instance_to_group_norm`).
         dropout: dropout of the 2D U-Net.
         filter_size: odd length of ``F`` along the detector.
         filter_per_direction: one filter per direction instead of one shared filter
@@ -152,16 +153,19 @@ class UNet25D(nn.Module):
         if not reductions:
             raise ValueError("reduction must name at least one of 'max', 'sum', 'min'.")
         self.projections = nn.ModuleList([Projection(r) for r in reductions])
-        self.unet = UNet(
-            spatial_dims=2,
-            in_channels=in_channels * len(reductions),
-            out_channels=out_channels,
-            channels=channels,
-            strides=strides,
-            num_res_units=num_res_units,
-            act=act,
-            norm=norm,
-            dropout=dropout,
+        # MONAI's 2D U-Net; its instance norms (the default) run as torch's faster group norm, the same function
+        self.unet = instance_to_group_norm(
+            UNet(
+                spatial_dims=2,
+                in_channels=in_channels * len(reductions),
+                out_channels=out_channels,
+                channels=channels,
+                strides=strides,
+                num_res_units=num_res_units,
+                act=act,
+                norm=norm,
+                dropout=dropout,
+            )
         )
         self.filtration = Filtration(
             out_channels, filter_size, num_directions if filter_per_direction else 1, filter_init

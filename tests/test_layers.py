@@ -1,12 +1,14 @@
-"""The filtration F, the fine-tuning layer T and the baselines' output head."""
+"""The filtration F, the fine-tuning layer T, the baselines' output head and the instance norms as group norms."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from parameterized import parameterized
 
-from scripts.layers import EvalSigmoid, Filtration, FineTuning, box_mean
+from scripts.layers import EvalSigmoid, Filtration, FineTuning, box_mean, instance_to_group_norm
 
 
 @parameterized.expand([[1, 9, 1], [3, 5, 1], [2, 7, 6], [1, 1, 4]])
@@ -236,3 +238,37 @@ def test_fine_tuning_logits_node_is_torch_ops(k, c, pool, size):
     assert torch.autograd.gradcheck(lambda v: t.logits(v, image), (x,))
     with torch.no_grad():  # without a gradient, the same sum from torch's ops
         assert torch.allclose(t.logits(x, image), expected, atol=1e-12)
+
+
+@parameterized.expand([[torch.nn.InstanceNorm2d, (3, 4, 9, 7), False], [torch.nn.InstanceNorm2d, (2, 5, 6, 6), True],
+                       [torch.nn.InstanceNorm3d, (2, 3, 4, 5, 6), True], [torch.nn.InstanceNorm1d, (2, 3, 8), False]])
+def test_instance_to_group_norm_is_the_same_function(norm, shape, affine):
+    """Group norm with one group per channel in place of instance norm: same values and gradients, same state dict."""
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Sequential(norm(shape[1], eps=1e-3, affine=affine)))
+    if affine:
+        with torch.no_grad():
+            original[1][0].weight.uniform_(0.5, 2)
+            original[1][0].bias.uniform_(-1, 1)
+    swapped = instance_to_group_norm(copy.deepcopy(original))
+    group = swapped[1][0]
+    assert isinstance(group, torch.nn.GroupNorm) and group.num_groups == group.num_channels == shape[1]
+    assert group.eps == 1e-3
+    assert swapped.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(swapped.state_dict()[k], v) for k, v in original.state_dict().items())
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    swapped.double(), original.double()
+    a, b = original(x), swapped(x)
+    torch.testing.assert_close(a, b)
+    weights = torch.randn_like(a)
+    inputs = [x, *original.parameters()]
+    expected = torch.autograd.grad(a, inputs, weights)
+    for mine, theirs in zip(torch.autograd.grad(b, [x, *swapped.parameters()], weights), expected):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_instance_to_group_norm_keeps_running_statistics():
+    """An instance norm that tracks running statistics (used in eval mode) is not a group norm: it stays."""
+    module = torch.nn.Sequential(torch.nn.InstanceNorm2d(3, track_running_stats=True), torch.nn.InstanceNorm2d(3))
+    instance_to_group_norm(module)
+    assert isinstance(module[0], torch.nn.InstanceNorm2d) and isinstance(module[1], torch.nn.GroupNorm)

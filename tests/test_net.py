@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from monai.networks import eval_mode
+from monai.networks.nets import UNet
 from parameterized import parameterized
 
 from scripts.losses import TwoPathDiceLoss
@@ -210,6 +211,19 @@ def test_recompute_gives_the_same_step(recompute):
     assert torch.allclose(values[0], values[1])
     for (name, a), b in zip(net.named_parameters(), lean.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+
+
+@parameterized.expand([["INSTANCE", torch.nn.GroupNorm], [("INSTANCE", {"affine": True}), torch.nn.GroupNorm],
+                       ["BATCH", torch.nn.BatchNorm2d]])
+def test_unet_instance_norms_run_as_group_norms(norm, expected):
+    """U's instance norms are group norms (one group per channel: the same function, faster on the CPU); the
+    state dict keeps MONAI's UNet's keys; other norms stay."""
+    net = UNet25D(num_directions=4, channels=(4, 8), strides=(2,), num_res_units=1, norm=norm)
+    norms = [m for m in net.unet.modules() if isinstance(m, (torch.nn.modules.instancenorm._InstanceNorm,
+                                                             torch.nn.GroupNorm, torch.nn.BatchNorm2d))]
+    assert norms and all(type(m) is expected for m in norms)
+    plain = UNet(2, 1, 1, channels=(4, 8), strides=(2,), num_res_units=1, norm=norm)
+    assert net.unet.state_dict().keys() == plain.state_dict().keys()
 
 
 def test_torchscript_of_the_training_options():
