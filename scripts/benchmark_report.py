@@ -376,6 +376,34 @@ def _b4_section(b4: dict) -> str:
         failed = {LABELS.get(m, m): r["failed_runs"] for m, r in b4["models"].items() if r.get("failed_runs")}
         if failed:
             text += " Failed runs, left out of the means: " + ", ".join(f"{m} {n}" for m, n in failed.items()) + "."
+        text += " " + _b4_runs(b4)
+    return text
+
+
+def _b4_runs(b4: dict) -> str:
+    """Each run's test Dice per repeated model (a mean hides one bad run), and the runs whose validation Dice fell
+    below half of an earlier value (a training that lost its segmentation for a while)."""
+    parts, setbacks = [], []
+    for m, r in b4.get("models", {}).items():
+        if "runs" not in r:
+            continue
+        label = LABELS.get(m, m)
+        parts.append(f"{label} " + ", ".join(f"{run['test']['dice']:.3f}" for run in r["runs"]))
+        for run, curve in zip(r["runs"], r.get("curves", [])):
+            dices = [c["dice"] for c in curve]
+            for i in range(1, len(dices)):
+                peak = max(dices[:i])
+                if math.isfinite(peak) and peak >= 0.1 and dices[i] < peak / 2:
+                    low = min(dices[i:])
+                    back = next((c["seconds"] for c in curve[i:] if c["dice"] >= peak), None)
+                    setbacks.append(f"the {label}'s run of seed {run['seed']} fell from validation Dice {peak:.3f} to "
+                                    f"{low:.3f} at {curve[i]['seconds']:.0f} s and "
+                                    + (f"was back at {back:.0f} s" if back is not None else "did not get back")
+                                    + f" (test Dice {run['test']['dice']:.3f})")
+                    break
+    text = "Test Dice of each run, in seed order: " + "; ".join(parts) + "."
+    if setbacks:
+        text += " In training, " + "; ".join(setbacks) + ": its mean counts it as it is."
     return text
 
 

@@ -61,7 +61,8 @@ def instance_to_group_norm(module: nn.Module) -> nn.Module:
     them) is left as it is.
     """
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+        instance = isinstance(child, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d))
+        if instance and not child.track_running_stats:
             like = {"device": child.weight.device, "dtype": child.weight.dtype} if child.affine else {}
             group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine, **like)
             if child.affine:

@@ -508,6 +508,25 @@ def test_merge_runs_means_ranges_and_failures(dices, failed):
     assert f"{sum(dices) / len(dices):.3f} ({min(dices):.3f}–{max(dices):.3f})" in table
     assert f"training seeds {', '.join(map(str, range(len(dices))))}" in table
     assert ("Failed runs, left out of the means: random 2.5D U-Net 1." in table) == bool(failed)
+    assert "Test Dice of each run, in seed order: random 2.5D U-Net " + ", ".join(f"{d:.3f}" for d in dices) in table
+    assert "fell from validation Dice" not in table
+
+
+@pytest.mark.parametrize("curve, words", [
+    ([0.02, 0.4, 0.0, 0.3, 0.5], "fell from validation Dice 0.400 to 0.000 at 120 s and was back at 240 s"),
+    ([0.02, 0.4, 0.1, 0.15, 0.3], "fell from validation Dice 0.400 to 0.100 at 120 s and did not get back"),
+    ([0.02, 0.4, 0.35, 0.5, 0.45], None),
+])
+def test_b4_runs_name_a_training_setback(curve, words):
+    """A run whose validation Dice fell below half of an earlier value is named with its test Dice."""
+    runs = [_run(0, 0.7, 4.0, 100), _run(1, 0.5, 4.0, 100)]
+    runs[1]["curve"] = [{"seconds": 60.0 * i, "dice": d} for i, d in enumerate(curve)]
+    text = _b4_section({"runs": 2, "models": {"unet3d": merge_runs(runs)}})
+    assert "Test Dice of each run, in seed order: 3D U-Net 0.700, 0.500." in text
+    if words:
+        assert f"the 3D U-Net's run of seed 1 {words} (test Dice 0.500): its mean counts it as it is." in text
+    else:
+        assert "fell from" not in text
 
 
 def test_merge_runs_all_failed_or_none():

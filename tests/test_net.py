@@ -219,7 +219,7 @@ def test_unet_instance_norms_run_as_group_norms(norm, expected):
     """U's instance norms are group norms (one group per channel: the same function, faster on the CPU); the
     state dict keeps MONAI's UNet's keys; other norms stay."""
     net = UNet25D(num_directions=4, channels=(4, 8), strides=(2,), num_res_units=1, norm=norm)
-    norms = [m for m in net.unet.modules() if isinstance(m, (torch.nn.modules.instancenorm._InstanceNorm,
+    norms = [m for m in net.unet.modules() if isinstance(m, (torch.nn.InstanceNorm2d,
                                                              torch.nn.GroupNorm, torch.nn.BatchNorm2d))]
     assert norms and all(type(m) is expected for m in norms)
     plain = UNet(2, 1, 1, channels=(4, 8), strides=(2,), num_res_units=1, norm=norm)
