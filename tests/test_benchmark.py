@@ -145,6 +145,12 @@ def test_targets_met_and_not_met():
     assert status["2.5D test Dice ≥ Frangi's + 0.15"] == "not met"  # 0.8 - 0.7 = 0.1
     b2_time = next(t for t in targets if t["benchmark"] == "B2" and "faster" in t["target"])
     assert "not the target's 128×128×128" in b2_time["where"]  # measured at the largest size run instead
+    where = {t["target"]: t["where"] for t in targets}
+    assert where["2.5D test Dice ≥ 3D U-Net's at equal budget"] == "test Dice difference, budget 10 s each"
+    results["B4"]["runs"] = 3
+    where = {t["target"]: t["where"] for t in check_targets(results, [256, 256, 128], [128, 128, 128])}
+    assert where["2.5D test Dice ≥ 3D U-Net's at equal budget"].endswith(
+        "; means over 3 runs each, every run's test Dice in B4")
     assert check_targets({}, [256, 256, 128], [128, 128, 128])[0]["status"] == "not measured"
 
 
