@@ -405,7 +405,7 @@ def _b4_runs(b4: dict) -> str:
                     break
     text = "Test Dice of each run, in seed order: " + "; ".join(parts) + "."
     if setbacks:
-        text += " In training, " + "; ".join(setbacks) + ": its mean counts it as it is."
+        text += " In training, " + "; ".join(setbacks) + ". The means count every run as it is."
     return text
 
 

@@ -530,7 +530,7 @@ def test_b4_runs_name_a_training_setback(curve, words):
     text = _b4_section({"runs": 2, "models": {"unet3d": merge_runs(runs)}})
     assert "Test Dice of each run, in seed order: 3D U-Net 0.700, 0.500." in text
     if words:
-        assert f"the 3D U-Net's run of seed 1 {words} (test Dice 0.500): its mean counts it as it is." in text
+        assert f"the 3D U-Net's run of seed 1 {words} (test Dice 0.500). The means count every run as it is." in text
     else:
         assert "fell from" not in text
 

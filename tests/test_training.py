@@ -266,3 +266,15 @@ def test_sigmoid_dice_bce_computes_no_gradient_without_one():
         assert sigmoid_dice_bce(logits, target, 1.0).grad_fn is None
     saved = sigmoid_dice_bce(logits, target, 1.0).grad_fn.saved_tensors
     assert [tuple(t.shape) for t in saved] == [tuple(logits.shape)]
+
+
+def test_sigmoid_dice_bce_gradient_of_low_precision_logits():
+    """bfloat16 logits: the gradient is worked out in float32 chunks and copied into a bfloat16 gradient."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 2, 1, 6, 5, 4) * 2
+    target = (torch.rand(1, 1, 6, 5, 4) > 0.7).float()
+    low, full = z.bfloat16().requires_grad_(), z.clone().requires_grad_()
+    sigmoid_dice_bce(low, target, 1.0, chunk=7).sum().backward()
+    sigmoid_dice_bce(full, target, 1.0, chunk=7).sum().backward()
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad.float(), full.grad, atol=2e-4, rtol=2e-2)
