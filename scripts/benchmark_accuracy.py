@@ -47,6 +47,7 @@ from scripts.metrics import compute_cldice, error_breakdown
 from scripts.net import UNet25D
 from scripts.slicestack import SliceStackUNet
 from scripts.synthetic import write_dataset
+from scripts.training import parameter_groups
 from scripts.training import train_step as two_path_step
 
 __all__ = ["MODELS", "benchmark_data", "model_parser", "loss_words", "case_metrics", "train_model", "frangi_baseline",
@@ -211,7 +212,9 @@ def train_model(
     parser, source = model_parser(model, crop, tiny, batch)
     net = parser.get_parsed_content("network_def")
     loss_fn = parser.get_parsed_content("loss")
-    optimizer = torch.optim.Adam(net.parameters(), lr=float(parser.get_parsed_content("learning_rate")))
+    groups = parameter_groups(net, float(parser.get_parsed_content("learning_rate")),
+                              float(parser.get_parsed_content("fine_tuning_lr_factor")))
+    optimizer = torch.optim.Adam(groups)
     num_subset = int(parser.get_parsed_content("num_subset"))
     datalist = load_datalist(data_dir, check=False)
     train_ds = CacheDataset(datalist["training"], parser.get_parsed_content("train#preprocessing"), progress=False)
@@ -267,6 +270,7 @@ def train_model(
         "seed": seed,
         "network": source,
         "loss": loss_words(parser),
+        "optimizer": f"Adam, learning rate {groups[0]['lr']:g}" + (f" (`T`: {groups[1]['lr']:g})" if len(groups) > 1 else ""),
         "parameters": sum(p.numel() for p in net.parameters()),
         "steps": steps,
         "train_seconds": elapsed,

@@ -365,8 +365,8 @@ def _b4_section(b4: dict) -> str:
     header = ["model", "test Dice", "test clDice", "test HD95 (mm)", "best val Dice", "steps", "train s",
               "parameters", "training peak RSS (MiB)"]
     sources = "; ".join(f"{LABELS.get(m, m)}: {r.get('network', '?')}" + (f", `{r['loss']}`" if "loss" in r else "")
-                        for m, r in b4.get("models", {}).items())
-    text = markdown_table(header, rows) + f"\n\nNetworks and losses from: {sources}."
+                        + (f", {r['optimizer']}" if "optimizer" in r else "") for m, r in b4.get("models", {}).items())
+    text = markdown_table(header, rows) + f"\n\nNetworks, losses and optimisers from: {sources}."
     repeated = [LABELS.get(m, m) for m, r in b4.get("models", {}).items() if "runs" in r]
     if repeated:
         seeds = sorted({run["seed"] for r in b4["models"].values() for run in r.get("runs", [])

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from monai.engines import PrepareBatch, default_prepare_batch
 
-__all__ = ["TwoPathPrepareBatch", "main_path", "train_step"]
+from scripts.layers import FineTuning
+
+__all__ = ["TwoPathPrepareBatch", "main_path", "parameter_groups", "train_step"]
 
 
 class TwoPathPrepareBatch(PrepareBatch):
@@ -38,6 +40,35 @@ class TwoPathPrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         return image, label, (), {"num_subset": self.num_subset}
+
+
+def parameter_groups(network: torch.nn.Module, learning_rate: float, fine_tuning_factor: float = 1.0) -> list[dict]:
+    """The optimiser's parameter groups: the network's parameters at ``learning_rate``, those of its fine-tuning
+    layers (:class:`scripts.layers.FineTuning`, ``T`` of a 2.5D U-Net) at ``fine_tuning_factor`` times it.
+
+    ``T`` is a handful of scalars per class (scale, shift, the image terms' weights) on features of very different
+    size: the local contrast of an image scaled to [0, 1] is a few hundredths, so its weight must grow to tens before
+    it counts. Adam moves each parameter by about the learning rate per step, so at the U-Net's rate those weights
+    are still climbing after the benchmark's ~13,000 steps (docs/model.md, *Choices measured*). A network without
+    ``T`` (the baselines), or a wrapper of one (``DistributedDataParallel``), works the same: the layers are found by
+    type, not by name.
+
+    Args:
+        network: any module.
+        learning_rate: the rate of every parameter outside ``T``.
+        fine_tuning_factor: ``T``'s rate over ``learning_rate`` (positive).
+
+    Returns:
+        ``[{"params": [...], "lr": learning_rate}, {"params": [...], "lr": learning_rate * fine_tuning_factor}]``,
+        without a group that has no parameters (for ``torch.optim`` optimisers).
+    """
+    if not fine_tuning_factor > 0:
+        raise ValueError(f"fine_tuning_factor must be positive, got {fine_tuning_factor}.")
+    fine = {id(p) for m in network.modules() if isinstance(m, FineTuning) for p in m.parameters()}
+    params = list(network.parameters())
+    groups = [{"params": [p for p in params if id(p) not in fine], "lr": float(learning_rate)},
+              {"params": [p for p in params if id(p) in fine], "lr": float(learning_rate) * float(fine_tuning_factor)}]
+    return [g for g in groups if g["params"]]
 
 
 def main_path(prediction: torch.Tensor) -> torch.Tensor:

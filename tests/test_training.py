@@ -10,7 +10,7 @@ from parameterized import parameterized
 
 from scripts.losses import EPS, TwoPathDiceLoss, clamped_bce, sigmoid_dice_bce
 from scripts.net import UNet25D
-from scripts.training import TwoPathPrepareBatch, main_path
+from scripts.training import TwoPathPrepareBatch, main_path, parameter_groups
 
 
 @parameterized.expand([[1.0, 1], [0.5, 1], [2.0, 3]])
@@ -278,3 +278,53 @@ def test_sigmoid_dice_bce_gradient_of_low_precision_logits():
     sigmoid_dice_bce(full, target, 1.0, chunk=7).sum().backward()
     assert low.grad.dtype == torch.bfloat16
     torch.testing.assert_close(low.grad.float(), full.grad, atol=2e-4, rtol=2e-2)
+
+
+@pytest.mark.parametrize("factor, wrap", [(10.0, False), (1.0, False), (3.0, True)])
+def test_parameter_groups_give_fine_tuning_its_own_rate(factor, wrap):
+    """T's parameters (found by type, also inside a wrapper) in a group at factor x the rate, every other parameter
+    once at the rate; one Adam step moves T's scale by about its group's rate."""
+    torch.manual_seed(0)
+    net = UNet25D(num_directions=4, channels=(4, 8), strides=(2,), num_res_units=1, intensity_term=True,
+                  contrast_size=3)
+    model = torch.nn.Sequential(net) if wrap else net
+    groups = parameter_groups(model, 1e-3, factor)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3 * factor])
+    fine = {id(p) for p in net.fine_tuning.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == fine and len(fine) == 4
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    optimizer = torch.optim.Adam(groups)
+    before = net.fine_tuning.scale.detach().clone()
+    loss = TwoPathDiceLoss(sigmoid=False)(net(torch.rand(1, 1, 12, 12, 8), num_subset=2),
+                                          (torch.rand(1, 1, 12, 12, 8) > 0.8).float())
+    loss.backward()
+    optimizer.step()
+    step = (net.fine_tuning.scale.detach() - before).abs().item()
+    assert step == pytest.approx(1e-3 * factor, rel=0.05)  # Adam's first step: the rate itself
+
+
+def test_parameter_groups_of_a_network_without_fine_tuning():
+    net = torch.nn.Conv3d(1, 2, 3)
+    groups = parameter_groups(net, 0.01, 10.0)
+    assert len(groups) == 1 and groups[0]["lr"] == 0.01 and len(groups[0]["params"]) == 2
+    with pytest.raises(ValueError, match="fine_tuning_factor"):
+        parameter_groups(net, 0.01, 0.0)
+
+
+@pytest.mark.parametrize("override", [None, "unet3d"])
+def test_train_config_optimizer_groups(override):
+    """configs/train.json's optimiser: T at fine_tuning_lr_factor x the learning rate (its cosine schedule anneals
+    both); a baseline's network (no T) has one group."""
+    from monai.bundle import ConfigParser
+
+    from tests.bundle_utils import ROOT
+
+    parser = ConfigParser()
+    parser.read_config([f"{ROOT}/configs/train.json"] + ([f"{ROOT}/configs/{override}.json"] if override else []))
+    optimizer = parser.get_parsed_content("optimizer")
+    rate, factor = parser.get_parsed_content("learning_rate"), parser.get_parsed_content("fine_tuning_lr_factor")
+    expected = [rate] if override else [rate, rate * factor]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    assert scheduler.base_lrs == pytest.approx(expected)
