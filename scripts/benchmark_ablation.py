@@ -84,13 +84,12 @@ def train_variant(overrides: dict, data_dir: str, steps: int, val_every: int, cr
                   seed: int = 0, tiny: bool = False) -> dict:
     """Train one variant for ``steps`` two-path steps (batch 1, Adam at train.json's rates,
     :func:`scripts.training.parameter_groups`); the validation curve."""
-    import torch
     from monai.data import CacheDataset, DataLoader
     from monai.utils import set_determinism
 
-    from scripts.benchmark_accuracy import _evaluate, _mean, _splits, model_parser
+    from scripts.benchmark_accuracy import _evaluate, _mean, _splits, config_optimizer, model_parser
     from scripts.data import load_datalist
-    from scripts.training import parameter_groups, train_step
+    from scripts.training import train_step
 
     set_determinism(seed)
     parser, _ = model_parser("unet25d", [crop] * 3, tiny, batch=1)
@@ -98,8 +97,7 @@ def train_variant(overrides: dict, data_dir: str, steps: int, val_every: int, cr
         parser[key] = value
     net = parser.get_parsed_content("network_def")
     loss_fn = parser.get_parsed_content("loss")
-    optimizer = torch.optim.Adam(parameter_groups(net, float(parser.get_parsed_content("learning_rate")),
-                                                  float(parser.get_parsed_content("fine_tuning_lr_factor"))))
+    optimizer = config_optimizer(parser, net)
     num_subset = int(parser.get_parsed_content("num_subset"))
     dataset = CacheDataset(load_datalist(data_dir, check=False)["training"],
                            parser.get_parsed_content("train#preprocessing"), progress=False)

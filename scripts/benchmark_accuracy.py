@@ -50,7 +50,7 @@ from scripts.synthetic import write_dataset
 from scripts.training import parameter_groups
 from scripts.training import train_step as two_path_step
 
-__all__ = ["MODELS", "benchmark_data", "model_parser", "loss_words", "case_metrics", "train_model", "frangi_baseline",
+__all__ = ["MODELS", "benchmark_data", "model_parser", "loss_words", "config_optimizer", "case_metrics", "train_model", "frangi_baseline",
            "direction_sweep", "window_sweep"]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,13 @@ def loss_words(parser: ConfigParser) -> str:
     return f"{target}({args})"
 
 
+def config_optimizer(parser: ConfigParser, net: torch.nn.Module) -> torch.optim.Adam:
+    """Adam over ``net`` as ``configs/train.json``'s ``optimizer`` sets it up: ``learning_rate``, and ``T``'s
+    parameters at ``fine_tuning_lr_factor`` times it (:func:`scripts.training.parameter_groups`)."""
+    return torch.optim.Adam(parameter_groups(net, float(parser.get_parsed_content("learning_rate")),
+                                             float(parser.get_parsed_content("fine_tuning_lr_factor"))))
+
+
 def _mean(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if np.isfinite(r[key])]
     return float(np.mean(values)) if values else float("nan")
@@ -212,9 +219,7 @@ def train_model(
     parser, source = model_parser(model, crop, tiny, batch)
     net = parser.get_parsed_content("network_def")
     loss_fn = parser.get_parsed_content("loss")
-    groups = parameter_groups(net, float(parser.get_parsed_content("learning_rate")),
-                              float(parser.get_parsed_content("fine_tuning_lr_factor")))
-    optimizer = torch.optim.Adam(groups)
+    optimizer = config_optimizer(parser, net)
     num_subset = int(parser.get_parsed_content("num_subset"))
     datalist = load_datalist(data_dir, check=False)
     train_ds = CacheDataset(datalist["training"], parser.get_parsed_content("train#preprocessing"), progress=False)
@@ -270,7 +275,8 @@ def train_model(
         "seed": seed,
         "network": source,
         "loss": loss_words(parser),
-        "optimizer": f"Adam, learning rate {groups[0]['lr']:g}" + (f" (`T`: {groups[1]['lr']:g})" if len(groups) > 1 else ""),
+        "optimizer": f"Adam, learning rate {optimizer.param_groups[0]['lr']:g}"
+        + (f" (`T`: {optimizer.param_groups[1]['lr']:g})" if len(optimizer.param_groups) > 1 else ""),
         "parameters": sum(p.numel() for p in net.parameters()),
         "steps": steps,
         "train_seconds": elapsed,
