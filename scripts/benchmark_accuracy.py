@@ -50,8 +50,8 @@ from scripts.synthetic import write_dataset
 from scripts.training import parameter_groups
 from scripts.training import train_step as two_path_step
 
-__all__ = ["MODELS", "benchmark_data", "model_parser", "loss_words", "config_optimizer", "case_metrics", "train_model", "frangi_baseline",
-           "direction_sweep", "window_sweep"]
+__all__ = ["MODELS", "benchmark_data", "model_parser", "loss_words", "config_optimizer", "case_metrics", "train_model",
+           "frangi_baseline", "direction_sweep", "window_sweep"]
 
 logger = logging.getLogger(__name__)
 
