@@ -228,7 +228,8 @@ def render(result: dict) -> str:
         "",
         "Each variant is `configs/train.json` (as of the date of the command that ran it) with the overrides "
         f"shown, trained for {result['steps']} two-path "
-        "steps (batch 1, 64³ crops, Adam at the config's learning rate, `T`'s at `fine_tuning_lr_factor` times it) "
+        "steps (batch 1, 64³ crops, Adam at the config's learning rate, `T`'s at `fine_tuning_lr_factor` times it; "
+        "rows that do not show that override were measured before it existed, with `T` at the U-Net's rate) "
         "on the benchmark's synthetic training "
         "split, and validated on its validation split (whole volumes, Dice on each case's own grid). The seed "
         "sets the initial weights, the case order, the crops and the random subsets of directions. Few "
