@@ -76,7 +76,7 @@ VARIANTS = {  # every variant names its projection, p and T, so that it does not
 # the variants above were measured with T at the U-Net's learning rate (before 0.12.0): named so that they keep it
 VARIANTS = {name: {**overrides, "fine_tuning_lr_factor": 1.0} for name, overrides in VARIANTS.items()}
 VARIANTS["MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6, Dice + BCE, T at 10x the rate"] = {
-    "reduction": _MAX_SUM, "num_directions": 8, "num_subset": 6, **_BUNDLE_T, "loss#bce_weight": 1.0,
+    **VARIANTS["MIP + ray sum, p = 8, intensity and contrast terms, pool 1, q = 6, Dice + BCE"],
     "fine_tuning_lr_factor": 10.0}
 
 
