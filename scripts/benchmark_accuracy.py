@@ -34,7 +34,7 @@ from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.inferers import SlidingWindowInferer
 from monai.metrics import compute_dice, compute_hausdorff_distance
-from monai.transforms import Invertd, LoadImage, ScaleIntensityRangePercentiles
+from monai.transforms import Invertd, LoadImage
 from monai.utils import set_determinism
 from tqdm import tqdm
 
@@ -42,6 +42,7 @@ from scripts.benchmark_report import ERROR_COLUMNS
 from scripts.benchmark_speed import MemoryProbe, as_deployed, bundle_inferer, settle_threads, time_repeats
 from scripts.data import load_datalist
 from scripts.frangi import FrangiSegmenter, fit
+from scripts.intensity import ScaleIntensityToTissue
 from scripts.layers import EvalSigmoid
 from scripts.metrics import compute_cldice, error_breakdown
 from scripts.net import UNet25D
@@ -293,7 +294,7 @@ def train_model(
 def _load_normalised(entries: Sequence[dict]) -> list[tuple[np.ndarray, torch.Tensor, list[float]]]:
     """Image (normalised as ``scripts.frangi.fit`` does), label ``(1, 1, H, W, D)`` and spacing."""
     load = LoadImage(image_only=True)
-    scale = ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
+    scale = ScaleIntensityToTissue()
     out = []
     for entry in entries:
         image = load(entry["image"])

@@ -243,22 +243,23 @@ def fit(
     split: str = "training",
     base_dir: str | None = None,
     sigmas_mm: Sequence[float] = DEFAULT_SIGMAS_MM,
-    lower: float = 0.5,
     upper: float = 99.5,
 ) -> dict:
     """Fit the threshold on a decathlon-style datalist's split; write it with the scales as JSON.
 
-    Images get the bundle's intensity normalisation (percentiles ``lower``-``upper`` to
-    ``[0, 1]``, clipped); labels are binarised (``> 0``); spacings come from the affines.
+    Images get the bundle's intensity normalisation (:class:`scripts.intensity.ScaleIntensityToTissue`: the
+    foreground's ``upper`` percentile to 1, clipped to ``[0, 1]``); labels are binarised (``> 0``); spacings come from the affines.
     ``out``'s folder is created if missing.
     """
     from monai.data import load_decathlon_datalist
     from monai.data.utils import affine_to_spacing
-    from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
+    from monai.transforms import LoadImage
+
+    from scripts.intensity import ScaleIntensityToTissue
 
     cases = load_decathlon_datalist(datalist, True, split, base_dir)
     load = LoadImage(image_only=True)
-    scale = ScaleIntensityRangePercentiles(lower, upper, b_min=0.0, b_max=1.0, clip=True)
+    scale = ScaleIntensityToTissue(upper)
     images, labels, spacings = [], [], []
     for case in cases:
         image = load(case["image"])

@@ -1,13 +1,12 @@
-"""Sliding windows for the 2.5D U-Net: windows that bound the rays, and never pad the volume.
+"""Windows for the 2.5D U-Net: whole axial planes by default, never padding the volume.
 
-The 2.5D U-Net sees a volume through projections along rays in the axial plane. Its 2D U-Net
-learns what projections of its training crops look like, and how long the rays are decides
-that: a ray through a whole head crosses several times the tissue, and the vessels, of a ray
-through a 64³ or 96³ crop, so a MIP or a ray sum of a volume much larger than the crops
-shows the 2D U-Net something it never saw (the visual hull also loosens, as more rays meet
-some vessel). Windows in the axial plane no larger than the crops keep every ray at most as
-long as in training (shorter rays score higher still: ``docs/model.md``, *Inference in windows*);
-along z (no ray runs along it) the window may span the volume.
+The 2.5D U-Net sees a volume through projections along rays in the axial (H x W) plane, so its
+natural window is the whole volume, one pass (``sw_roi_size`` ``[-1, -1, -1]`` in the configs).
+Where memory needs windows, they should span the whole plane and chunk along z (no ray runs along
+z, so a chunk's projections are those of the volume, exact up to the 2D U-Net's receptive field
+along z at the chunk's ends, which the overlap covers: ``[-1, -1, 128]``). Windows in the plane
+cut the rays: the MIP of a column is not the MIP of the volume, so they are an option, not the
+default.
 
 MONAI's ``SlidingWindowInferer`` pads a volume smaller than the window up to the window's
 size. For a 3D U-Net that is harmless; for the 2.5D U-Net the padded rows become part of

@@ -13,6 +13,8 @@ from scripts.operators import exporting
 __all__ = ["Filtration", "FineTuning", "EvalSigmoid", "FILTER_INITS", "box_mean", "instance_to_group_norm"]
 
 FILTER_INITS = ("identity", "ramp")
+# the zero-frequency gain of each initial design, which ``Filtration(constrain_dc=True)`` keeps
+DC_GAINS = {"identity": 1.0, "ramp": 0.0}
 
 
 def box_mean(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -119,12 +121,18 @@ class Filtration(nn.Module):
         num_directions: 1 to share the filter across directions, or ``p`` for one filter
             per direction (then the projections must come from those ``p`` directions).
         init: ``"identity"`` (default) or ``"ramp"``.
+        constrain_dc: hold the taps' sum, the filter's gain at zero frequency, at that of the initial design: 1 for
+            the identity, 0 for the ramp (as the ramp of the continuous FFT; its truncation alone would keep a small
+            positive gain). The learnable taps ``w`` act as ``w + (gain - sum(w)) / kernel_size``, their projection
+            onto the filters of that gain. An offset along a projection (a constant logit over the background) is
+            smeared by ``R`` through the whole volume: a filter free to amplify it builds halos, and learns to.
 
     Shapes:
         ``(B, p', K, N_s, D) -> (B, p', K, N_s, D)``.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 9, num_directions: int = 1, init: str = "identity") -> None:
+    def __init__(self, channels: int, kernel_size: int = 9, num_directions: int = 1, init: str = "identity",
+                 constrain_dc: bool = True) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be at least 1, got {channels}.")
@@ -135,7 +143,11 @@ class Filtration(nn.Module):
         self.channels = channels
         self.kernel_size = kernel_size
         self.num_directions = num_directions
-        taps = _initial_taps(kernel_size, init)
+        self.constrained = constrain_dc
+        taps = _initial_taps(kernel_size, init)  # which checks init
+        self.dc_gain = DC_GAINS[init]
+        if constrain_dc:
+            taps = taps + (self.dc_gain - taps.sum()) / kernel_size
         self.weight = nn.Parameter(taps.repeat(num_directions, channels, 1).reshape(num_directions, channels, 1, kernel_size, 1))
 
     def forward(self, q: torch.Tensor, num_directions: int, directions: list[int] | None = None) -> torch.Tensor:
@@ -153,6 +165,8 @@ class Filtration(nn.Module):
                 )
             dirs = list(range(num_directions)) if directions is None else directions
             taps = self.weight[torch.tensor(dirs, device=q.device), :, 0, :, 0]  # (p', K, kernel_size)
+        if self.constrained:
+            taps = taps + (self.dc_gain - taps.sum(-1, keepdim=True)) / self.kernel_size
         # the convolution as a sum of shifted copies: one pass per tap, no im2col buffer of
         # kernel_size copies of q (which is what a depthwise conv2d with a (k, 1) kernel costs on CPU)
         half = self.kernel_size // 2

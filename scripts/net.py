@@ -62,6 +62,8 @@ class UNet25D(nn.Module):
         filter_per_direction: one filter per direction instead of one shared filter
             (then inference must use the training's ``num_directions``).
         filter_init: ``"identity"`` or ``"ramp"``.
+        filter_constrain_dc: hold ``F``'s zero-frequency gain at its initial design's (1 for the identity, 0 for
+            the ramp; :class:`scripts.layers.Filtration`), so that it cannot amplify offsets along a projection.
         pool_size: odd window of ``T``'s average pooling.
         direction_batch: projections per call of ``U`` where no gradient is recorded (inference,
             and path 2's directions outside the subset): bounds the memory of the 2D feature
@@ -117,6 +119,7 @@ class UNet25D(nn.Module):
         filter_size: int = 9,
         filter_per_direction: bool = False,
         filter_init: str = "identity",
+        filter_constrain_dc: bool = True,
         pool_size: int = 3,
         margin: int = 8,
         direction_batch: int = 4,
@@ -168,7 +171,7 @@ class UNet25D(nn.Module):
             )
         )
         self.filtration = Filtration(
-            out_channels, filter_size, num_directions if filter_per_direction else 1, filter_init
+            out_channels, filter_size, num_directions if filter_per_direction else 1, filter_init, filter_constrain_dc
         )
         self.backprojection = Backprojection()
         if contrast_size > 0 and not intensity_term:

@@ -272,3 +272,22 @@ def test_instance_to_group_norm_keeps_running_statistics():
     module = torch.nn.Sequential(torch.nn.InstanceNorm2d(3, track_running_stats=True), torch.nn.InstanceNorm2d(3))
     instance_to_group_norm(module)
     assert isinstance(module[0], torch.nn.InstanceNorm2d) and isinstance(module[1], torch.nn.GroupNorm)
+
+
+@parameterized.expand([["identity", 9, 1, 1.0], ["ramp", 31, 1, 0.0], ["identity", 5, 4, 1.0]])
+def test_filtration_keeps_its_dc_gain(init, size, p_filters, gain):
+    """With free taps trained anywhere, the filter's zero-frequency gain stays its design's: no amplified offsets."""
+    f = Filtration(2, size, p_filters, init)
+    with torch.no_grad():
+        f.weight.copy_(torch.randn_like(f.weight) * 3)
+    ones = torch.ones(1, p_filters, 2, 3 * size, 1)
+    centre = f(ones, p_filters)[0, :, :, size : 2 * size, 0]  # away from the zero padding at the borders
+    assert torch.allclose(centre, torch.full_like(centre, gain), atol=1e-5)
+
+
+def test_filtration_free_taps_amplify_dc():
+    f = Filtration(1, 5, constrain_dc=False)
+    with torch.no_grad():
+        f.weight.mul_(3.0)
+    out = f(torch.ones(1, 1, 1, 15, 1), 1)[0, 0, 0, 5:10, 0]
+    assert torch.allclose(out, torch.full_like(out, 3.0))
