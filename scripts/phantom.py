@@ -1,14 +1,14 @@
-"""The structures of the synthetic TOF-MRA phantom, rendered with partial volume.
-
-Vessel trees (labelled) and fat-like distractors (bright, not tubular, not labelled),
-each rendered as an occupancy field (the fraction of each voxel it fills) on a voxel grid.
+"""Vessels of the synthetic TOF-MRA phantom, rendered with partial volume.
 
 A tree is a set of straight, linearly tapering segments (truncated cones with round
 ends) in millimetres on the voxel grid's own frame: voxel ``(i, j, k)`` sits at
-``(i * sx, j * sy, k * sz)``. Curved vessels are chains of short segments. Trees grow
-from a few roots by a persistent random walk whose turning rate itself drifts (so the
-vessels curve smoothly and can be tortuous), and bifurcate following Murray's law
-(``r_parent^3 = r_1^3 + r_2^3``) until their radius falls to a sub-voxel minimum.
+``(i * sx, j * sy, k * sz)``. Curved vessels are chains of short segments, and a segment
+of zero length is a sphere. Arterial trees grow from a few roots by a persistent random
+walk whose turning rate itself drifts (so the vessels curve smoothly and can be
+tortuous), narrow locally here and there (stenoses), and bifurcate following Murray's
+law (``r_parent^3 = r_1^3 + r_2^3``) until their radius falls to the minimum;
+:func:`add_aneurysms` puts saccular blobs on their wall. Veins and sinuses are given as
+polylines (:func:`polyline_tree`).
 
 :func:`render_segments` turns the segments into an occupancy (partial-volume) field and
 a label: the occupancy is a smooth clamp of ``(r - d) / w`` over one voxel, with ``d``
@@ -16,15 +16,12 @@ the distance to the centreline and ``w`` the voxel's extent along the direction 
 (so anisotropic voxels blur along their long axis); the label is ``d <= r`` (occupancy
 >= 0.5) together with every voxel the centreline passes through, so that sub-voxel
 vessels keep a connected label.
-
-:func:`render_distractors` draws the fat: a patch of the scalp's subcutaneous fat shell (a
-curved sheet) and lobulated blobs kept away from the vessels.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +29,10 @@ import numpy as np
 __all__ = [
     "VesselTree",
     "grow_vessel_tree",
+    "add_aneurysms",
+    "polyline_tree",
+    "merge_trees",
     "render_segments",
-    "render_distractors",
     "random_rotation",
     "smoothstep",
 ]
@@ -41,14 +40,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class VesselTree:
-    """Segments of a vessel tree, in millimetres on the voxel grid's frame.
+    """Segments of vessels, in millimetres on the voxel grid's frame.
 
     Attributes:
         starts: segment start points, shape ``(N, 3)``.
         ends: segment end points, shape ``(N, 3)``.
         start_radii: radius at each start, shape ``(N,)``.
         end_radii: radius at each end, shape ``(N,)``.
-        intensities: relative inflow signal of each segment, shape ``(N,)``.
+        intensities: relative signal of each segment, shape ``(N,)``.
+        path_lengths: distance along the vessels from the root to each start (the
+            blood's path, for inflow saturation), shape ``(N,)``.
     """
 
     starts: np.ndarray
@@ -56,9 +57,25 @@ class VesselTree:
     start_radii: np.ndarray
     end_radii: np.ndarray
     intensities: np.ndarray
+    path_lengths: np.ndarray
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[tuple]) -> VesselTree:
+        """A tree from ``(start, end, r0, r1, intensity, path_length)`` tuples."""
+        if not segments:
+            empty = np.zeros((0, 3))
+            return cls(empty, empty, *(np.zeros(0) for _ in range(4)))
+        starts, ends, *rest = zip(*segments)
+        return cls(np.array(starts, float), np.array(ends, float), *(np.array(r, float) for r in rest))
+
+
+def merge_trees(trees: Sequence[VesselTree]) -> VesselTree:
+    """The segments of all ``trees`` in one tree (in order)."""
+    fields = ("starts", "ends", "start_radii", "end_radii", "intensities", "path_lengths")
+    return VesselTree(*(np.concatenate([getattr(t, f) for t in trees]) for f in fields))
 
 
 def _perpendicular(direction: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -76,22 +93,21 @@ def _turn(direction: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
 
 def grow_vessel_tree(
     rng: np.random.Generator,
-    roots: list[tuple[np.ndarray, np.ndarray]],
-    root_radius: float,
+    roots: list[tuple[np.ndarray, np.ndarray, float]],
     min_radius: float,
     unit: float,
     inside: Callable[[np.ndarray], bool],
     steer: Callable[[np.ndarray], np.ndarray] | None = None,
     tortuosity: float = 0.08,
+    stenosis_rate: float = 0.0,
     max_segments: int = 2000,
 ) -> VesselTree:
     """Grow branching, tapering, curving vessel trees from the given roots.
 
     Args:
         rng: the random generator (the tree is a deterministic function of its state).
-        roots: ``(point, direction)`` pairs in mm, one per tree; directions need not be unit.
-        root_radius: the radius of the root vessels, in mm.
-        min_radius: the radius at which vessels end (sub-voxel, e.g. 0.4 voxel), in mm.
+        roots: ``(point, direction, radius)`` in mm, one per tree; directions need not be unit.
+        min_radius: the radius at which vessels end (e.g. 0.3 mm), in mm.
         unit: the length scale of steps and branch lengths, in mm (e.g. a voxel's size).
         inside: whether a point (mm) is still in the region vessels may occupy; a branch
             ends when it leaves it.
@@ -99,27 +115,35 @@ def grow_vessel_tree(
             point, e.g. back from the region's border; None for no steering.
         tortuosity: the standard deviation of the turning rate's drift per step
             (radians); 0 gives straight branches.
+        stenosis_rate: the probability that a branch at least 3 times the minimum radius
+            narrows locally (by 30-80 % over 2-5 radii of length).
         max_segments: an upper bound on the number of segments (thinnest dropped first).
 
     Returns:
-        The tree's segments.
+        The tree's segments, signal about 1 (0.9-1.1 per root).
     """
-    if not 0 < min_radius < root_radius:
-        raise ValueError(f"need 0 < min_radius < root_radius, got {min_radius} and {root_radius}.")
-    segments: list[tuple[np.ndarray, np.ndarray, float, float, float]] = []
+    if not all(0 < min_radius < r for _, _, r in roots):
+        raise ValueError(f"need 0 < min_radius < every root radius, got {min_radius} and {[r for *_, r in roots]}.")
+    segments: list[tuple[np.ndarray, np.ndarray, float, float, float, float]] = []
     # Breadth first: thick proximal vessels are grown before thin distal ones, so that
     # hitting max_segments drops twigs, not trunks.
     queue = deque()
-    for point, direction in roots:
-        queue.append((np.asarray(point, float), np.asarray(direction, float), root_radius, rng.uniform(0.9, 1.1)))
+    for point, direction, radius in roots:
+        queue.append((np.asarray(point, float), np.asarray(direction, float), radius, rng.uniform(0.9, 1.1), 0.0))
     while queue and len(segments) < max_segments:
-        point, direction, radius, signal = queue.popleft()
+        point, direction, radius, signal, path = queue.popleft()
         direction = direction / np.linalg.norm(direction)
         terminal = radius <= 1.3 * min_radius
         end_radius = min_radius if terminal else max(min_radius, radius * rng.uniform(0.8, 0.95))
         length = rng.uniform(3.0, 7.0) * radius + rng.uniform(2.0, 6.0) * unit
         step = max(1.5 * unit, 0.8 * radius)
         num_steps = max(2, int(np.ceil(length / step)))
+        narrowing = np.zeros(num_steps + 1)
+        if radius >= 3 * min_radius and num_steps >= 3 and rng.random() < stenosis_rate:
+            # A smooth local dip of the radius: the stenosis.
+            centre, half = rng.uniform(1, num_steps - 1), max(1.0, rng.uniform(1.0, 2.5) * radius / step)
+            bump = np.clip(1 - ((np.arange(num_steps + 1) - centre) / half) ** 2, 0, 1)
+            narrowing = rng.uniform(0.3, 0.8) * bump
         turn_rate = np.zeros(3)
         left = False
         for n in range(num_steps):
@@ -127,13 +151,11 @@ def grow_vessel_tree(
             turn_rate -= turn_rate.dot(direction) * direction
             direction = direction + turn_rate + (steer(point) if steer is not None else 0.0)
             direction /= np.linalg.norm(direction)
-            r0 = radius + (end_radius - radius) * n / num_steps
-            r1 = radius + (end_radius - radius) * (n + 1) / num_steps
-            # Smaller vessels carry slower, partly saturated flow: less inflow signal.
-            seg_signal = signal * (0.7 + 0.3 * min(1.0, r0 / root_radius) ** 0.5)
+            r0, r1 = (max(min_radius, (radius + (end_radius - radius) * m / num_steps) * (1 - narrowing[m]))
+                      for m in (n, n + 1))
             nxt = point + step * direction
-            segments.append((point, nxt, r0, r1, seg_signal))
-            point = nxt
+            segments.append((point, nxt, r0, r1, signal, path))
+            point, path = nxt, path + step
             if not inside(point) or len(segments) >= max_segments:
                 left = True
                 break
@@ -145,13 +167,48 @@ def grow_vessel_tree(
         # The thicker child deviates less from the parent's course than the thinner one.
         angles = (rng.uniform(0.15, 0.5), -rng.uniform(0.5, 1.1))
         for child_radius, angle in zip(radii, angles):
-            child_dir = _turn(direction, axis, angle)
-            queue.append((point, child_dir, max(child_radius, min_radius), signal))
-    if not segments:
-        empty = np.zeros((0, 3))
-        return VesselTree(empty, empty, np.zeros(0), np.zeros(0), np.zeros(0))
-    starts, ends, r0s, r1s, signals = zip(*segments)
-    return VesselTree(np.array(starts), np.array(ends), np.array(r0s), np.array(r1s), np.array(signals))
+            queue.append((point, _turn(direction, axis, angle), max(child_radius, min_radius), signal, path))
+    return VesselTree.from_segments(segments)
+
+
+def add_aneurysms(
+    rng: np.random.Generator, tree: VesselTree, count: int, radius_range: tuple[float, float], min_parent: float
+) -> VesselTree:
+    """Saccular aneurysms on the wall of the tree's vessels (labelled like the vessels).
+
+    Each is a sphere beside a segment at least ``min_parent`` thick, joined to it by a
+    neck (a short segment 0.4-0.7 times the sphere's radius), with the parent's path
+    length and 0.6-1.0 times its signal (slow, swirling flow in the sac).
+
+    Args:
+        rng: the random generator.
+        tree: the arterial tree.
+        count: how many aneurysms.
+        radius_range: the sac's radius range, in mm (capped at 3 times the parent's).
+        min_parent: the thinnest parent vessel, in mm.
+
+    Returns:
+        ``tree`` with the aneurysms' segments appended.
+    """
+    candidates = np.flatnonzero(tree.start_radii >= min_parent)
+    added = []
+    for index in rng.choice(candidates, size=min(count, len(candidates)), replace=False):
+        start, end = tree.starts[index], tree.ends[index]
+        direction = (end - start) / max(np.linalg.norm(end - start), 1e-9)
+        parent = tree.start_radii[index]
+        sac = min(rng.uniform(*radius_range), 3 * parent)
+        centre = (start + end) / 2 + _perpendicular(direction, rng) * (parent + 0.8 * sac)
+        signal, path = tree.intensities[index] * rng.uniform(0.6, 1.0), tree.path_lengths[index]
+        neck = sac * rng.uniform(0.4, 0.7)
+        added += [((start + end) / 2, centre, neck, neck, signal, path), (centre, centre, sac, sac, signal, path)]
+    return merge_trees([tree, VesselTree.from_segments(added)])
+
+
+def polyline_tree(points: np.ndarray, radii: np.ndarray, intensity: float) -> VesselTree:
+    """A vessel along the polyline ``points`` ``(K, 3)`` (mm) with radii ``(K,)`` (mm)."""
+    steps = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    paths = np.concatenate([[0.0], np.cumsum(steps)[:-1]])
+    return VesselTree(points[:-1], points[1:], radii[:-1], radii[1:], np.full(len(steps), float(intensity)), paths)
 
 
 def smoothstep(u: np.ndarray) -> np.ndarray:
@@ -242,65 +299,3 @@ def random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
         r[i, j], r[j, i] = -np.sin(angle), np.sin(angle)
         rot = rot @ r
     return rot
-
-
-def render_distractors(
-    rng: np.random.Generator,
-    coords: list[np.ndarray],
-    semi_axes: np.ndarray,
-    unit: float,
-    count: int,
-    vessel_points: np.ndarray,
-    vessel_radii: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fat-like bright structures: a patch of the scalp's fat shell and lobulated blobs.
-
-    Args:
-        rng: the random generator.
-        coords: the voxel centres' coordinates (mm) about the grid's centre, one
-            broadcastable array per axis.
-        semi_axes: the head's semi-axes (mm), shape ``(3,)``.
-        unit: the in-plane voxel size (mm).
-        count: the number of blobs.
-        vessel_points: vessel segment start points about the grid's centre, ``(N, 3)``.
-        vessel_radii: their radii, ``(N,)``.
-
-    Returns:
-        ``(occupancy, signal)`` of shape ``(H, W, D)``: fraction of each voxel filled,
-        and that fraction times the structure's brightness.
-    """
-    x, y, z = coords
-    shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
-    occupancy = np.zeros(shape, np.float32)
-    signal = np.zeros(shape, np.float32)
-    # The shell: a band just inside the head outline, over one sector and part of the slab.
-    rho = np.sqrt((x / semi_axes[0]) ** 2 + (y / semi_axes[1]) ** 2)
-    width = rng.uniform(2.5, 4.0) * unit / semi_axes.mean()
-    band = smoothstep((width / 2 - np.abs(rho - 1.0 + width)) / (unit / semi_axes.mean()) + 0.5)
-    phi0 = rng.uniform(-np.pi, np.pi)
-    sector = smoothstep((np.cos(np.arctan2(y, x) - phi0) - rng.uniform(-0.2, 0.5)) * 2.0)
-    z0, half_height = rng.uniform(-0.5, 0.5) * semi_axes[2], rng.uniform(0.3, 0.7) * semi_axes[2]
-    patch = smoothstep((half_height - np.abs(z - z0)) / (10 * unit))
-    shell = (band * sector * patch).astype(np.float32)
-    brightness = rng.uniform(0.6, 0.9)
-    occupancy = np.maximum(occupancy, shell)
-    signal = np.maximum(signal, shell * brightness)
-    for _ in range(count):
-        radii = rng.uniform(2.5, 6.0) * unit * rng.uniform(0.7, 1.3, size=3)
-        # Keep blobs off the vessels so that no voxel is both (try a few places, else accept).
-        for _ in range(20):
-            centre = rng.uniform(-0.6, 0.6, size=3) * semi_axes
-            gap = np.linalg.norm(vessel_points - centre, axis=1) - vessel_radii if len(vessel_points) else [np.inf]
-            if np.min(gap) > radii.max() * 1.2 + 2 * unit:
-                break
-        rot = random_rotation(rng, 90.0)
-        rel = [x - centre[0], y - centre[1], z - centre[2]]
-        local = [sum(rot[a, b] * rel[b] for b in range(3)) / radii[a] for a in range(3)]
-        dist = np.sqrt(local[0] ** 2 + local[1] ** 2 + local[2] ** 2)
-        # Lobulated outline: the radius wobbles with direction (still far from a tube).
-        wobble = 1.0 + 0.15 * np.sin(3 * np.arctan2(local[1], local[0]) + rng.uniform(0, 2 * np.pi))
-        blob = smoothstep((wobble - dist) * radii.min() / unit + 0.5).astype(np.float32)
-        brightness = rng.uniform(0.6, 1.0)
-        occupancy = np.maximum(occupancy, blob)
-        signal = np.maximum(signal, blob * brightness)
-    return occupancy, signal

@@ -1,12 +1,20 @@
 """Seeded synthetic TOF-MRA volumes with vessel masks, and a decathlon-style dataset of them.
 
-A case is a slab of a head: tissue with texture inside an elliptic outline, air outside;
-branching, tapering, curving vessel trees (:mod:`scripts.phantom`) rendered with
-partial volume at the bright inflow signal of time-of-flight MRA; bright but not tubular
-fat-like distractors (a patch of the subcutaneous fat shell, lobulated blobs) that are
-not labelled; a smooth multiplicative bias field; and Rician noise (the magnitude of
-complex Gaussian noise). Voxels are anisotropic and the affine holds a small rotation,
-axis flips and an origin away from zero.
+A case is an axial slab (30-80 mm) of a whole head in a 180-240 mm field of view, with
+everything drawn at random (domain randomisation, as vesselFM, arXiv 2411.17386, but with
+a head and the physics of time-of-flight MRA rather than random shapes):
+
+- the head (:mod:`scripts.anatomy`): scalp fat, skull with marrow, CSF, a folded grey
+  matter cortex over white matter, ventricles, skull base, orbits' fat, contrasts drawn;
+- arteries (:mod:`scripts.phantom`, labelled): trees from the carotids, the basilar and a
+  few more roots entering through the slab's floor, radii 2-4 mm down to 0.3 mm, with
+  stenoses and occasional saccular aneurysms, bright by inflow that saturates along the
+  flow and towards the slab's top;
+- veins and dural sinuses (not labelled), dim and variable (venous saturation);
+- the acquisition (:mod:`scripts.acquisition`): spacing 0.3-1.0 mm in-plane and 0.5-3 mm
+  slices within a voxel cap, vessel-to-tissue contrast 1.5-5, a strong multi-scale bias,
+  ghosts along the phase-encode axis, zero-filled borders, Rician noise (SNR 5-40), and
+  an oblique, permuted, flipped affine with the origin anywhere.
 
 Every case is a deterministic function of ``(seed, case index)`` alone, so a dataset of
 more cases only appends cases. Command line (from the bundle root)::
@@ -23,62 +31,69 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import fire
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 from tqdm import tqdm
 
-from scripts.phantom import (
-    VesselTree,
-    grow_vessel_tree,
-    random_rotation,
-    render_distractors,
-    render_segments,
-    smoothstep,
-)
+from scripts.acquisition import Grid, add_ghosts, bias_field, plan_grid, rician_noise, store, zero_borders
+from scripts.anatomy import Head, draw_head, render_head, venous_tree
+from scripts.phantom import VesselTree, add_aneurysms, grow_vessel_tree, random_rotation, render_segments
 
 __all__ = ["SyntheticCase", "synthesize_case", "generate_case", "write_dataset", "main"]
 
 logger = logging.getLogger(__name__)
 
 MIN_SIZE = 16
-SIZE_RANGE = (48, 96)
-IN_PLANE_SPACING_RANGE = (0.4, 0.8)
-THROUGH_PLANE_SPACING_RANGE = (0.5, 1.2)
-SNR_RANGE = (10.0, 35.0)
+FOV_RANGE = (180.0, 240.0)
+SLAB_RANGE = (30.0, 80.0)
+IN_PLANE_SPACING_RANGE = (0.3, 1.0)
+SLICE_SPACING_RANGE = (0.5, 3.0)
+SNR_RANGE = (5.0, 40.0)
+CONTRAST_RANGE = (1.5, 5.0)
+MAX_VOXELS = 16_000_000
+MAX_ROOTS = 8
 SeedLike = int | Sequence[int]
 
 
 @dataclass(frozen=True)
 class SyntheticCase:
-    """One synthetic case; arrays are ``(H, W, D)`` in stored voxel order (after flips).
+    """One synthetic case; arrays are ``(H, W, D)`` in stored voxel order (after permutation and flips).
 
     Attributes:
-        image: the TOF-MRA magnitude image, float32 (vessel signal about 1).
-        label: the vessel mask, uint8 in {0, 1}.
+        image: the TOF-MRA magnitude image, float32 (arterial inflow signal about 1).
+        label: the artery mask (aneurysms included), uint8 in {0, 1}.
         affine: the voxel-to-world (RAS, mm) matrix, ``(4, 4)`` float64.
-        distractors: where the fat-like distractors fill at least half a voxel, bool.
-        spacing: the voxel size along each array axis, in mm.
-        snr: vessel signal over the noise's standard deviation.
-        tree: the vessel segments, in mm on the unflipped grid's frame.
+        distractors: bright structures that are not labelled (fat, marrow, veins, sinuses)
+            filling at least half a voxel, never on the label, bool.
+        veins: the veins and sinuses among them, bool.
+        spacing: the voxel size along each stored array axis, in mm.
+        snr: grey matter's signal over the noise's standard deviation.
+        contrast: the arterial inflow signal over grey matter's.
+        tree: the arteries' segments, in mm on the acquisition grid's frame.
+        venous: the veins' segments, in mm on the acquisition grid's frame.
     """
 
     image: np.ndarray
     label: np.ndarray
     affine: np.ndarray
     distractors: np.ndarray
+    veins: np.ndarray
     spacing: tuple[float, float, float]
     snr: float
+    contrast: float
     tree: VesselTree
+    venous: VesselTree
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
+def _check_int(value: object, name: str, minimum: int, maximum: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
     return int(value)
 
 
@@ -98,10 +113,56 @@ def _as_spacing(spacing: float | Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise rescaled to unit standard deviation, float32."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="wrap")
-    return field / max(float(field.std()), 1e-6)
+def _arteries(rng: np.random.Generator, head: Head, grid: Grid, num_roots: int | None, min_radius: float,
+              tortuosity: float, radius_scale: float) -> VesselTree:
+    """Arterial trees rising through the slab's floor: carotids, basilar, then smaller roots."""
+    s, v, unit = head.scale, radius_scale, min(grid.spacing[:2])
+    c, brain = head.centre, head.brain_axes
+    floor = -grid.spacing[2]
+    roots = [(np.array([side * rng.uniform(12, 20) * s, rng.uniform(5, 15) * s, 0]),
+              np.array([side * rng.uniform(0.3, 0.8), rng.uniform(0.0, 0.4), 1.0]) + rng.normal(scale=0.2, size=3),
+              rng.uniform(2.0, 4.0)) for side in (-1, 1)]
+    roots.append((np.array([rng.uniform(-3, 3) * s, -rng.uniform(10, 25) * s, 0]),
+                  np.array([0, 0.15, 1.0]) + rng.normal(scale=0.15, size=3), rng.uniform(2.0, 3.0)))
+    for _ in range(MAX_ROOTS - 3):
+        angle, rad = rng.uniform(0, 2 * np.pi), 0.75 * np.sqrt(rng.uniform())
+        place = np.array([rad * brain[0] * np.cos(angle), rad * brain[1] * np.sin(angle), 0])
+        roots.append((place, np.array([*rng.normal(scale=0.8, size=2), 1.0]), rng.uniform(0.8, 2.0)))
+    count = num_roots if num_roots is not None else 3 + int(rng.integers(1, MAX_ROOTS - 2))
+    roots = [(np.array([c[0], c[1], floor]) + p, d, r * v) for p, d, r in roots[:count]]
+    r_min = max(0.3 * v, min_radius * float(np.prod(grid.spacing)) ** (1 / 3))
+    roots = [(p, d, max(r, 1.5 * r_min)) for p, d, r in roots]
+    margin = 4 * unit
+
+    def inside(point: np.ndarray) -> bool:
+        return (head.brain_radius(point) < 0.97 and floor - margin < point[2] < grid.extent[2] + margin
+                and bool(np.all(np.abs(point[:2] - grid.extent[:2] / 2) < grid.extent[:2] / 2 + margin)))
+
+    half = grid.extent[2] / 2
+
+    def steer(point: np.ndarray) -> np.ndarray:
+        # Arteries near the brain's surface bend back inwards (they run along it, not out),
+        # and those near the slab's faces turn a little along them: the slab is placed
+        # where the arteries are, so they should fill it rather than leave it.
+        rel = (point - c) / brain
+        rho = float(np.linalg.norm(rel))
+        height = (point[2] - half) / half
+        flatten = np.array([0.0, 0.0, -0.3 * np.sign(height) * max(0.0, abs(height) - 0.6)])
+        return -2.0 * max(0.0, rho - 0.8) / max(rho, 1e-6) * rel + flatten
+
+    tree = grow_vessel_tree(rng, roots, r_min, unit, inside, steer, tortuosity, stenosis_rate=0.05,
+                            max_segments=3000)
+    count = int(rng.choice(3, p=[0.7, 0.25, 0.05]))
+    return add_aneurysms(rng, tree, count, (1.5 * v, 5.0 * v), max(1.0 * v, 2 * r_min))
+
+
+def _inflow(rng: np.random.Generator, tree: VesselTree, thickness: float, radius_scale: float) -> VesselTree:
+    """Inflow signal: 0.7-1 by radius (slow flow in small vessels), times the saturation
+    along the path (decay length 100-400 mm) and towards the slab's top (0-40 %), at least 0.55."""
+    small = 0.7 + 0.3 * np.sqrt(np.minimum(1.0, tree.start_radii / (2.0 * radius_scale)))
+    height = np.clip((tree.starts[:, 2] + tree.ends[:, 2]) / (2 * thickness), 0, 1)
+    saturation = np.exp(-tree.path_lengths / rng.uniform(100, 400)) * (1 - rng.uniform(0, 0.4) * height)
+    return replace(tree, intensities=tree.intensities * small * np.maximum(0.55, saturation))
 
 
 def synthesize_case(
@@ -110,26 +171,32 @@ def synthesize_case(
     seed: SeedLike = 0,
     snr: float | None = None,
     num_roots: int | None = None,
-    num_distractors: int | None = None,
+    contrast: float | None = None,
+    fov: float | None = None,
     min_radius: float = 0.4,
     tortuosity: float = 0.08,
-    max_rotation: float = 10.0,
+    max_rotation: float = 20.0,
+    max_voxels: int = MAX_VOXELS,
 ) -> SyntheticCase:
     """Generate one synthetic TOF-MRA case with everything that went into it.
 
     Args:
-        shape: ``(H, W, D)`` or one size for all axes (each at least 16); drawn from
-            48-96 per axis when None.
-        spacing: voxel size in mm; drawn when None (0.4-0.8 in-plane, the same for H and
-            W, and 0.5-1.2 through-plane along D).
+        shape: ``(H, W, D)`` in stored order or one size for all axes (each at least 16);
+            the head is scaled into it. None: from the field of view, the slab and the
+            spacing, within ``max_voxels``.
+        spacing: voxel size in mm, in stored order; drawn when None (0.3-1.0 in-plane, the
+            same for both in-plane axes, and 0.5-3 for the slices).
         seed: an integer or a sequence of integers (e.g. ``(seed, case_index)``).
-        snr: vessel signal over noise standard deviation; drawn from 10-35 when None.
-        num_roots: the number of vessel trees; drawn from 2-4 when None.
-        num_distractors: the number of fat-like blobs besides the fat shell; drawn from
-            1-3 when None.
-        min_radius: the radius of the thinnest vessels, in in-plane voxels.
+        snr: grey matter's signal over the noise's standard deviation; drawn from 5-40.
+        num_roots: the number of arterial trees (1-8); drawn from 4-8 when None.
+        contrast: arterial inflow signal over grey matter's; drawn from 1.5-5 when None.
+        fov: the in-plane field of view in mm when ``shape`` is None; drawn from 180-240
+            when None; below the head's size it is a partial field of view (life size).
+        min_radius: the thinnest arteries' radius in voxels (the cube root of a voxel's
+            volume), at least 0.3 mm.
         tortuosity: how much vessels wander (0: straight branches).
-        max_rotation: the largest rotation about each world axis in the affine, degrees.
+        max_rotation: the largest oblique rotation about each axis in the affine, degrees.
+        max_voxels: the most voxels a case with a drawn shape may have.
 
     Returns:
         The case; see :class:`SyntheticCase`.
@@ -137,86 +204,88 @@ def synthesize_case(
     seeds = [int(s) for s in np.atleast_1d(seed)]
     if any(s < 0 for s in seeds):
         raise ValueError(f"seed must be non-negative, got {seed!r}.")
-    if snr is not None and not snr > 0:
-        raise ValueError(f"snr must be positive, got {snr!r}.")
+    for name, value in (("snr", snr), ("fov", fov)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}.")
+    if contrast is not None and not contrast > 1:
+        raise ValueError(f"contrast must be above 1 (vessels brighter than tissue), got {contrast!r}.")
     if not 0 < min_radius < 2:
         raise ValueError(f"min_radius must be in (0, 2) voxels, got {min_radius!r}.")
     if tortuosity < 0 or max_rotation < 0:
         raise ValueError(f"tortuosity and max_rotation must be non-negative, got {tortuosity} and {max_rotation}.")
     if num_roots is not None:
-        _check_int(num_roots, "num_roots", 1)
-    if num_distractors is not None:
-        _check_int(num_distractors, "num_distractors", 0)
+        _check_int(num_roots, "num_roots", 1, MAX_ROOTS)
+    max_voxels = _check_int(max_voxels, "max_voxels", MIN_SIZE**3)
     # One stream per component, so that fixing e.g. the shape leaves the others as they were.
-    geo, vessels, fat, tissue, noise = (np.random.default_rng(s) for s in np.random.SeedSequence(seeds).spawn(5))
+    geo, vessels, veins, tissue, artefacts, noise = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seeds).spawn(6))
 
-    drawn_shape = tuple(int(s) for s in geo.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=3))
-    drawn_spacing = (geo.uniform(*IN_PLANE_SPACING_RANGE),) * 2 + (geo.uniform(*THROUGH_PLANE_SPACING_RANGE),)
-    shape = _as_shape(drawn_shape if shape is None else shape)
-    spacing = _as_spacing(drawn_spacing if spacing is None else spacing)
+    permutation = geo.permutation(3) if geo.random() < 0.3 else np.arange(3)
+    flips, rotation = geo.random(3) < 0.5, random_rotation(geo, max_rotation)
+    origin = geo.uniform(-150, 150, size=3)
+    in_plane, slices = geo.uniform(*IN_PLANE_SPACING_RANGE), geo.uniform(*SLICE_SPACING_RANGE)
+    fov_y = geo.uniform(*FOV_RANGE)
+    drawn_fov = (geo.uniform(max(FOV_RANGE[0], 0.8 * fov_y), fov_y), fov_y)
+    slab = geo.uniform(*SLAB_RANGE)
     snr = float(geo.uniform(*SNR_RANGE) if snr is None else snr)
-    rotation, flips, shift = random_rotation(geo, max_rotation), geo.random(3) < 0.5, geo.uniform(-30, 30, size=3)
+    contrast = float(geo.uniform(*CONTRAST_RANGE) if contrast is None else contrast)
+    offset, drop = geo.uniform(-1, 1, size=2), geo.uniform(5, 25)
 
-    sp = np.array(spacing)
-    extent = (np.array(shape) - 1) * sp
-    unit = float(min(sp[0], sp[1]))
-    # Head outline (in-plane ellipse), coordinates relative to the grid's centre.
-    semi_axes = np.array([*(extent[:2] / 2 * geo.uniform(0.85, 1.0, size=2)), extent[2] / 2])
-    coords = [(np.arange(n) * sp[a] - extent[a] / 2).reshape([-1 if b == a else 1 for b in range(3)])
-              for a, n in enumerate(shape)]
+    inverse = np.argsort(permutation)
+    if spacing is not None:
+        acq_spacing = tuple(np.array(_as_spacing(spacing))[inverse])
+    else:
+        acq_spacing = (in_plane, in_plane, slices)
+    if shape is not None:
+        acq_shape = tuple(int(n) for n in np.array(_as_shape(shape))[inverse])
+        grid = Grid(acq_shape, tuple(float(v) for v in acq_spacing), drawn_fov)
+    else:
+        asked = drawn_fov if fov is None else (float(fov), float(fov))
+        grid = plan_grid(asked, slab, acq_spacing, spacing is not None, max_voxels, FOV_RANGE[0], SLAB_RANGE[0])
+    extent = grid.extent
+    # A grid smaller than the drawn field of view gets a smaller head (never a larger one).
+    scale = float(min(1.0, *(extent[:2] / np.array(drawn_fov)))) if shape is not None else 1.0
+    whole = fov is None or shape is not None
+    max_size = np.array(drawn_fov) - 10 if whole else (240.0, 240.0)
+    head = draw_head(tissue, np.zeros(3), scale, max_size)
+    room = extent[:2] / 2 - head.semi_axes[:2]
+    shift = offset * np.where(room > 0, 0.8 * room, 0.1 * extent[:2])
+    # The slab's floor lies 5-25 mm under the circle of Willis, itself 5-15 mm over the skull base.
+    willis = head.base + geo.uniform(5, 15) * scale
+    centre = np.array([*(extent[:2] / 2 + shift), drop * scale - willis])
+    head = replace(head, centre=centre)
+    unit = min(grid.spacing[:2])
+    radius_scale = max(scale, min(1.0, unit / 1.5))
 
-    def head_radius(point: np.ndarray) -> tuple[float, np.ndarray]:
-        rel = (point - extent / 2)[:2] / semi_axes[:2]
-        return float(np.linalg.norm(rel)), rel
-
-    def inside(point: np.ndarray) -> bool:
-        return head_radius(point)[0] < 0.9 and -2 * unit < point[2] < extent[2] + 2 * unit
-
-    def steer(point: np.ndarray) -> np.ndarray:
-        # Vessels near the head's outline bend back inwards (as along the brain's surface).
-        rho, rel = head_radius(point)
-        pull = 2.0 * max(0.0, rho - 0.6) / max(rho, 1e-6)
-        return np.array([-pull * rel[0], -pull * rel[1], 0.0])
-
-    roots = []
-    for _ in range(num_roots if num_roots is not None else int(vessels.integers(2, 5))):
-        angle, rad = vessels.uniform(0, 2 * np.pi), 0.5 * np.sqrt(vessels.uniform())
-        start = extent / 2 + np.array([rad * semi_axes[0] * np.cos(angle), rad * semi_axes[1] * np.sin(angle), 0])
-        start[2] = 0.0
-        roots.append((start, np.array([*vessels.normal(scale=0.4, size=2), 1.0])))
-    root_radius = vessels.uniform(1.5, 2.8) * unit * min(1.0, min(shape) / 48) ** 0.5
-    tree = grow_vessel_tree(vessels, roots, root_radius, min_radius * unit, unit, inside, steer, tortuosity)
-    vessel_occ, vessel_signal, label = render_segments(tree, shape, spacing)
-
-    count = num_distractors if num_distractors is not None else int(fat.integers(1, 4))
-    vessel_points = tree.starts - extent / 2
-    fat_occ, fat_signal = render_distractors(fat, coords, semi_axes, unit, count, vessel_points, tree.start_radii)
-
-    rho = np.sqrt((coords[0] / semi_axes[0]) ** 2 + (coords[1] / semi_axes[1]) ** 2)
-    head = smoothstep((1.0 - rho) * semi_axes[:2].mean() / unit + 0.5)
-    texture = 0.12 * _smooth_noise(tissue, shape, 2.5 * unit / sp) + 0.05 * _smooth_noise(tissue, shape, 0.8)
-    background = head * tissue.uniform(0.12, 0.22) * (1.0 + texture) + 0.01
-    image = background * (1 - fat_occ) + fat_signal
-    image = image * (1 - vessel_occ) + vessel_signal
-    coarse = tissue.normal(scale=0.1, size=(3, 3, 3))
-    image *= np.exp(ndimage.zoom(coarse, np.array(shape) / 3.0, order=3, mode="nearest", grid_mode=True))
-    sigma = 1.0 / snr
-    real = image + sigma * noise.standard_normal(shape, dtype=np.float32)
-    image = np.sqrt(real**2 + (sigma * noise.standard_normal(shape, dtype=np.float32)) ** 2).astype(np.float32)
-
-    linear = rotation @ np.diag(sp)
-    affine = np.eye(4)
-    affine[:3, :3] = linear
-    affine[:3, 3] = -linear @ ((np.array(shape) - 1) / 2) + shift
-    distractors = fat_occ >= 0.5
+    tree = _arteries(vessels, head, grid, num_roots, min_radius, tortuosity, radius_scale)
+    tree = _inflow(vessels, tree, extent[2], radius_scale)
+    venous = venous_tree(veins, head, radius_scale, veins.uniform(0.15, 0.75))
+    coords = [(np.arange(n, dtype=np.float32) * np.float32(sp)).reshape([-1 if b == a else 1 for b in range(3)])
+              for a, (n, sp) in enumerate(zip(grid.shape, grid.spacing))]
+    voxel = float(np.prod(grid.spacing) ** (1 / 3))
+    gm = 1.0 / contrast
+    image, fat = render_head(tissue, head, coords, voxel, gm)
+    vein_occ, vein_signal, _ = render_segments(venous, grid.shape, grid.spacing)
+    image *= 1 - vein_occ
+    image += vein_signal
+    del vein_signal
+    occupancy, signal, label = render_segments(tree, grid.shape, grid.spacing)
+    image *= 1 - occupancy
+    image += signal
+    del occupancy
+    image *= bias_field(artefacts, grid)
+    add_ghosts(artefacts, image, signal)
+    del signal
+    image = rician_noise(noise, image, gm / snr)
+    vein_mask = (vein_occ >= 0.5) & ~label
+    distractors = ((fat >= 0.5) | vein_mask) & ~label
+    del fat, vein_occ
     label = label.astype(np.uint8)
-    for axis in np.flatnonzero(flips):
-        # Store the voxels in another order while the world stays the same.
-        affine[:3, 3] += affine[:3, axis] * (shape[axis] - 1)
-        affine[:3, axis] *= -1
-        image, label, distractors = (np.flip(a, axis) for a in (image, label, distractors))
-    image, label, distractors = (np.ascontiguousarray(a) for a in (image, label, distractors))
-    return SyntheticCase(image, label, affine, distractors, spacing, snr, tree)
+    zero_borders(artefacts, [image, label, distractors, vein_mask])
+    (image, label, distractors, vein_mask), affine = store(
+        [image, label, distractors, vein_mask], grid.spacing, rotation, permutation, flips, origin)
+    spacing = tuple(float(grid.spacing[p]) for p in permutation)
+    return SyntheticCase(image, label, affine, distractors, vein_mask, spacing, snr, contrast, tree, venous)
 
 
 def generate_case(

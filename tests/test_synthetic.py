@@ -12,8 +12,17 @@ import numpy as np
 from parameterized import parameterized
 from scipy import ndimage
 
-from scripts.synthetic import generate_case, synthesize_case, write_dataset
-from scripts.phantom import VesselTree, render_segments
+from scripts.phantom import VesselTree, add_aneurysms, grow_vessel_tree, render_segments
+from scripts.synthetic import (
+    FOV_RANGE,
+    IN_PLANE_SPACING_RANGE,
+    MAX_VOXELS,
+    SLAB_RANGE,
+    SLICE_SPACING_RANGE,
+    generate_case,
+    synthesize_case,
+    write_dataset,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,13 +54,31 @@ INVALID_CASES = [
     [{"snr": 0.0}],
     [{"min_radius": 0.0}],
     [{"num_roots": 0}],
-    [{"num_distractors": -1}],
+    [{"num_roots": 9}],
+    [{"contrast": 0.8}],
+    [{"fov": -100.0}],
+    [{"max_voxels": 100}],
     [{"tortuosity": -0.1}],
 ]
 
+# Default draws (whole heads), a few case indices of two datasets.
+DEFAULT_DRAWS = [[(0, 0)], [(0, 3)], [(1, 2)]]
+
+
+def _in_plane_and_slab(case) -> tuple[np.ndarray, float]:
+    """The in-plane extents (mm) and the slab's thickness: the slab is the shortest side."""
+    extent = np.sort(np.array(case.image.shape) * np.array(case.spacing))
+    return extent[1:], float(extent[0])
+
 
 def _segment(start, end, r0, r1) -> VesselTree:
-    return VesselTree(np.array([start], float), np.array([end], float), np.array([r0]), np.array([r1]), np.ones(1))
+    return VesselTree.from_segments([(start, end, r0, r1, 1.0, 0.0)])
+
+
+def _straight_tree(stenosis_rate: float, seed: int = 0) -> VesselTree:
+    roots = [(np.array([10.0, 10.0, 0.0]), np.array([0.0, 0.0, 1.0]), 2.0)]
+    return grow_vessel_tree(np.random.default_rng(seed), roots, 0.3, 0.5, lambda p: p[2] < 60, None, 0.05,
+                            stenosis_rate=stenosis_rate)
 
 
 class TestSyntheticCase(unittest.TestCase):
@@ -85,32 +112,92 @@ class TestSyntheticCase(unittest.TestCase):
         self.assertFalse(np.array_equal(first[0], other[0]))
         self.assertFalse(np.array_equal(first[1], other[1]))
 
-    def test_drawn_geometry(self):
-        for index in range(4):
-            case = synthesize_case(seed=(3, index))
-            self.assertTrue(all(48 <= s <= 96 for s in case.image.shape))
-            self.assertTrue(0.4 <= case.spacing[0] == case.spacing[1] <= 0.8 and 0.5 <= case.spacing[2] <= 1.2)
-            np.testing.assert_allclose(np.linalg.norm(case.affine[:3, :3], axis=0), case.spacing)
-
-    @parameterized.expand([[(32, 32, 28)], [(40, 36, 30)]])
-    def test_distractors_bright_but_not_labelled(self, shape):
-        without = synthesize_case(shape, seed=4, num_distractors=0)
-        with_blobs = synthesize_case(shape, seed=4, num_distractors=3)
-        np.testing.assert_array_equal(without.label, with_blobs.label)
-        added = with_blobs.distractors & ~without.distractors & ~with_blobs.label.astype(bool)
-        self.assertGreater(added.sum(), 0)
-        vessel_mean = with_blobs.image[with_blobs.label > 0].mean()
-        self.assertGreater(with_blobs.image[added].mean(), 0.5 * vessel_mean)
-
-    def test_branching_tapering_tree(self):
+    def test_branching_tree(self):
         tree = synthesize_case((40, 40, 40), spacing=0.5, seed=5).tree
         self.assertGreater(len(tree), 20)
-        self.assertAlmostEqual(tree.end_radii.min() / 0.5, 0.4)
-        self.assertGreater(tree.start_radii.max() / 0.5, 1.3)
-        self.assertTrue(np.all(tree.end_radii <= tree.start_radii + 1e-12))
+        self.assertGreaterEqual(tree.end_radii.min(), 0.2 - 1e-9)
         # Both children of a bifurcation start where their parent ends.
         _, counts = np.unique(tree.starts.round(9), axis=0, return_counts=True)
         self.assertGreater(np.sum(counts == 2), 2)
+
+    @parameterized.expand([[0], [1]])
+    def test_tapering_and_stenoses(self, seed):
+        plain, narrowed = _straight_tree(0.0, seed), _straight_tree(1.0, seed)
+        self.assertTrue(np.all(plain.end_radii <= plain.start_radii + 1e-12))
+        # Past a stenosis the vessel widens again.
+        self.assertTrue(np.any(narrowed.end_radii > narrowed.start_radii + 1e-6))
+        self.assertGreaterEqual(narrowed.end_radii.min(), 0.3 - 1e-12)
+
+    def test_aneurysms_are_labelled_spheres(self):
+        tree = _straight_tree(0.0)
+        with_sacs = add_aneurysms(np.random.default_rng(0), tree, 2, (1.5, 3.0), 1.0)
+        self.assertEqual(len(with_sacs), len(tree) + 4)
+        sacs = np.all(with_sacs.starts == with_sacs.ends, axis=1)
+        self.assertEqual(sacs.sum(), 2)
+        self.assertTrue(np.all((with_sacs.start_radii[sacs] >= 1.5) & (with_sacs.start_radii[sacs] <= 3.0)))
+        shape = (60, 60, 130)
+        base, sac_label = (render_segments(t, shape, (0.5, 0.5, 0.5))[2] for t in (tree, with_sacs))
+        self.assertGreater(sac_label.sum(), base.sum() + 100)
+
+    @parameterized.expand(DEFAULT_DRAWS)
+    def test_default_draw_is_a_whole_head_slab(self, seed):
+        case = synthesize_case(seed=seed)
+        in_plane, slab = _in_plane_and_slab(case)
+        self.assertTrue(np.all(in_plane >= FOV_RANGE[0] - 1) and np.all(in_plane <= FOV_RANGE[1] + 1), in_plane)
+        self.assertTrue(SLAB_RANGE[0] - 1 <= slab <= SLAB_RANGE[1] + 1, slab)
+        self.assertLessEqual(case.image.size, MAX_VOXELS)
+        spacing = case.spacing
+        slab_axis = int(np.argmin(np.array(case.image.shape) * np.array(case.spacing)))
+        in_plane_spacing = [v for a, v in enumerate(case.spacing) if a != slab_axis]
+        self.assertAlmostEqual(*in_plane_spacing)
+        self.assertTrue(IN_PLANE_SPACING_RANGE[0] <= in_plane_spacing[0] <= IN_PLANE_SPACING_RANGE[1], spacing)
+        self.assertTrue(SLICE_SPACING_RANGE[0] <= case.spacing[slab_axis] <= SLICE_SPACING_RANGE[1], spacing)
+        np.testing.assert_allclose(np.linalg.norm(case.affine[:3, :3], axis=0), case.spacing)
+        self.assertTrue(1.5 <= case.contrast <= 5.0 and 5.0 <= case.snr <= 40.0)
+        self.assertGreater(case.label.sum(), 100)
+
+    @parameterized.expand(DEFAULT_DRAWS)
+    def test_veins_and_distractors_present_but_unlabelled(self, seed):
+        case = synthesize_case(seed=seed)
+        label = case.label.astype(bool)
+        self.assertGreater(case.veins.sum(), 0)
+        self.assertGreater((case.distractors & ~case.veins).sum(), 0)
+        self.assertFalse(np.any(case.veins & label))
+        self.assertFalse(np.any(case.distractors & label))
+        self.assertTrue(np.all(case.distractors[case.veins]))
+
+    @parameterized.expand(DEFAULT_DRAWS)
+    def test_artery_radii(self, seed):
+        tree = synthesize_case(seed=seed).tree
+        sacs = np.all(tree.starts == tree.ends, axis=1)
+        radii = np.concatenate([tree.start_radii[~sacs], tree.end_radii[~sacs]])
+        self.assertGreaterEqual(radii.min(), 0.3 - 1e-9)
+        self.assertLessEqual(radii.max(), 4.0 + 1e-9)
+        # Trunks at the base, twigs distally.
+        self.assertGreaterEqual(radii.max(), 2.0)
+        self.assertLessEqual(radii.min(), 0.6)
+
+    @parameterized.expand([[(0, 1), 2_000_000], [(2, 1), 4_000_000]])
+    def test_voxel_cap_coarsens_a_drawn_grid(self, seed, max_voxels):
+        case = synthesize_case(seed=seed, max_voxels=max_voxels)
+        self.assertLessEqual(case.image.size, max_voxels)
+        in_plane, slab = _in_plane_and_slab(case)
+        self.assertTrue(np.all(in_plane >= FOV_RANGE[0] - 1) and slab >= SLAB_RANGE[0] - 1)
+
+    def test_voxel_cap_crops_a_fixed_fine_spacing(self):
+        case = synthesize_case(spacing=(0.3, 0.3, 0.5), seed=(2, 1))
+        self.assertLessEqual(case.image.size, MAX_VOXELS)
+        np.testing.assert_allclose(sorted(case.spacing), [0.3, 0.3, 0.5])
+        # A partial field of view at life size rather than a coarser grid than asked for.
+        in_plane, slab = _in_plane_and_slab(case)
+        self.assertLess(in_plane.min(), FOV_RANGE[0])
+        self.assertGreaterEqual(slab, SLAB_RANGE[0] - 1)
+
+    def test_partial_field_of_view(self):
+        case = synthesize_case(spacing=(0.8, 0.8, 1.5), fov=100.0, seed=4, max_rotation=0.0)
+        in_plane, _ = _in_plane_and_slab(case)
+        np.testing.assert_allclose(in_plane, 100.0, atol=1.0)
+        self.assertGreater(case.label.sum(), 0)
 
     @parameterized.expand(INVALID_CASES)
     def test_invalid_case_arguments(self, kwargs):
