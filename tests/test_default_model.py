@@ -53,26 +53,31 @@ def test_shipped_model_finds_vessels(segmented, case):
 
 
 def test_recipe_trains_and_evaluates(tmp_path):
-    """The recipe end to end at test size: training, then the evaluate command on both splits."""
+    """The recipe end to end at test size: data, training, then the evaluate command on both splits and in windows."""
     tiny = {**TINY_NET_OVERRIDES, "synthetic_cases": 6, "epochs": 1, "val_interval": 1, "roi_size": [16, 16, 16],
             "num_subset": 2, "cache_rate": 0.0, "num_workers": 0}
     tables = default_model.run(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
-                               ckpt_dir=str(tmp_path / "models"), settings=tiny, large={"size": [40, 36, 24]})
-    assert set(tables) == {"validation", "test", "large", "large_whole"}
-    assert len(os.listdir(tmp_path / "out" / "large" / "imagesTr")) == default_model.LARGE["num_cases"]
+                               ckpt_dir=str(tmp_path / "models"), settings=tiny)
+    assert set(tables) == {"validation", "test", "test_windows"}
+    assert len(os.listdir(tmp_path / "data" / "imagesTr")) == 6
     for table in tables.values():
         assert table.startswith("| case | Dice | clDice | HD95 (mm) |") and "**mean**" in table
     assert os.path.isfile(tmp_path / "models" / "model.pt")
-    for kwargs in ({"settings": tiny}, {"large": {"size": [40, 36, 24]}}):
-        with pytest.raises(ValueError, match="leave --settings and --large out"):
-            default_model.run(update_docs=True, **kwargs)
+    with pytest.raises(ValueError, match="leave --settings out"):
+        default_model.run(update_docs=True, settings=tiny)
 
 
-@pytest.mark.parametrize("with_b4, with_ceiling, runs", [(True, True, 1), (True, False, 1), (False, True, 1),
-                                                         (False, False, 1), (True, True, 3)])
-def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b4, with_ceiling, runs):
+def test_recipe_data_is_disjoint_from_the_default_dataset():
+    """The shipped weights never train on a case of the default dataset (train.json's synthetic seed)."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "train.json"))
+    assert default_model.SETTINGS["synthetic_seed"] != parser["synthetic_seed"]
+
+
+@pytest.mark.parametrize("with_b4, runs", [(True, 1), (False, 1), (True, 3)])
+def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b4, runs):
     """The comparison under the default model's tables quotes docs/benchmarks.json (means where B4 trained each
-    model several times) and docs/ceiling.json, or is left out."""
+    model several times), or is left out."""
     import json
 
     os.makedirs(tmp_path / "docs")
@@ -82,14 +87,10 @@ def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b
             for entry in models.values():
                 entry["runs"] = [{"seed": i} for i in range(runs)]
         (tmp_path / "docs" / "benchmarks.json").write_text(json.dumps({"B4": {"budget_s": 300.0, "models": models}}))
-    if with_ceiling:
-        rows = [{"oracle": "hull", "test": {"dice": 0.55}}, {"oracle": "fbp", "test": {"dice": 0.9}}]
-        (tmp_path / "docs" / "ceiling.json").write_text(json.dumps({"rows": rows}))
     monkeypatch.setattr(default_model, "BUNDLE_ROOT", str(tmp_path))
-    text = default_model._doc_text({"test": "T", "validation": "V", "large": "L", "large_whole": "W"}, "data")
-    assert "On larger volumes, 224×224×128 voxels of 0.6 mm (4 synthetic cases, seed 1;" in text
-    assert text.index("\n\nL\n\n") < text.index("in one window over the whole volume") < text.index("\n\nW\n\n")
+    text = default_model._doc_text({"test": "T", "validation": "V", "test_windows": "W"}, "data")
+    assert "trained by `run training` on 60 synthetic cases (`data`, seed 1;" in text
+    assert text.index("\n\nT\n\n") < text.index("\n\nV\n\n") < text.index("96×96 in-plane windows") < text.index("\n\nW\n\n")
     assert ("test Dice 0.612 and MONAI's 3D U-Net 0.679 after 300 s" in text) == (with_b4 and runs == 1)
     assert ("mean test Dice over 3 trainings 0.612 and MONAI's 3D U-Net 0.679" in text) == (with_b4 and runs == 3)
-    assert ("would reach only 0.55 test Dice" in text) == with_ceiling
     assert text.endswith("retrain on your own data for real use.")
