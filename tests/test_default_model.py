@@ -89,7 +89,7 @@ def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b
         (tmp_path / "docs" / "benchmarks.json").write_text(json.dumps({"B4": {"budget_s": 300.0, "models": models}}))
     monkeypatch.setattr(default_model, "BUNDLE_ROOT", str(tmp_path))
     text = default_model._doc_text({"test": "T", "validation": "V", "test_windows": "W"}, "data")
-    assert "trained by `run training` on 60 synthetic cases (`data`, seed 1;" in text
+    assert "trained by `run training` on 80 synthetic cases (`data`, seed 1;" in text
     assert text.index("\n\nT\n\n") < text.index("\n\nV\n\n") < text.index("96×96 in-plane windows") < text.index("\n\nW\n\n")
     assert ("test Dice 0.612 and MONAI's 3D U-Net 0.679 after 300 s" in text) == (with_b4 and runs == 1)
     assert ("mean test Dice over 3 trainings 0.612 and MONAI's 3D U-Net 0.679" in text) == (with_b4 and runs == 3)
