@@ -324,9 +324,8 @@ def _anatomy_scene(rng: np.random.Generator, scale: float, spacing: Sequence[flo
     grid = [origin[a] + c for a, c in enumerate(_grid(shape, spacing))]
     ijk = [np.broadcast_to(g, shape) for g in grid]  # the template's affine is a translation
     ijk = [c - affine[a, 3] for a, c in enumerate(ijk)]
-    sample = lambda key: ndimage.map_coordinates(fields[key], ijk, order=1, mode="nearest").astype(np.float32)  # noqa: E731
-    gm, wm, brain, outside = sample("gm"), sample("wm"), sample("brain"), sample("outside_mm")
-    t1 = sample("t1")
+    gm, wm, brain, outside, t1 = (ndimage.map_coordinates(fields[key], ijk, order=1, mode="nearest").astype(np.float32)
+                                  for key in ("gm", "wm", "brain", "outside_mm", "t1"))
     tissue = rng.uniform(80.0, 200.0)
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
     image = tissue * (wm + rng.uniform(0.8, 0.92) * gm + rng.uniform(0.15, 0.3) * csf)
@@ -433,6 +432,13 @@ def anatomy_case(seed: int, scale: float = 1.0) -> HeldoutCase:
                     rng.uniform(15.0, 40.0), bias, scene.info)
 
 
+def _block_mean(array: np.ndarray) -> np.ndarray:
+    """Means over blocks of :data:`COARSE_FACTOR` voxels per axis (a partial block at the end is dropped)."""
+    blocks = [n // COARSE_FACTOR for n in array.shape]
+    whole = array[tuple(slice(0, b * COARSE_FACTOR) for b in blocks)]
+    return whole.reshape(blocks[0], COARSE_FACTOR, blocks[1], COARSE_FACTOR, blocks[2], COARSE_FACTOR).mean((1, 3, 5))
+
+
 def coarse_case(seed: int, scale: float = 1.0) -> HeldoutCase:
     """A ``coarse`` case: a ``spacecol`` (even seeds) or ``anatomy`` (odd seeds) scene rendered at a third of
     :data:`COARSE_SPACING` and block-averaged to it; label: coarse voxels at least half vessel."""
@@ -445,10 +451,7 @@ def coarse_case(seed: int, scale: float = 1.0) -> HeldoutCase:
         scene = _anatomy_scene(rng, scale, fine, rng.uniform(0.6, 0.9), rng.uniform(60.0, 80.0))
     if not np.allclose(scene.spacing, fine):
         raise ValueError(f"the coarse source's fine grid must stay at {fine.tolist()} mm; lower its field of view.")
-    blocks = [n // COARSE_FACTOR for n in scene.image.shape]
-    block = lambda a: a[: blocks[0] * COARSE_FACTOR, : blocks[1] * COARSE_FACTOR, : blocks[2] * COARSE_FACTOR].reshape(  # noqa: E731
-        blocks[0], COARSE_FACTOR, blocks[1], COARSE_FACTOR, blocks[2], COARSE_FACTOR).mean((1, 3, 5))
-    image, label = block(scene.image), block(scene.label.astype(np.float32)) >= 0.5
+    image, label = _block_mean(scene.image), _block_mean(scene.label.astype(np.float32)) >= 0.5
     bias = _polynomial_bias(rng, image.shape, COARSE_SPACING)
     info = {**scene.info, "scene": "spacecol" if seed % 2 == 0 else "anatomy"}
     return _acquire(rng, image, label, COARSE_SPACING, scene.tissue_level, "rician", rng.uniform(20.0, 50.0), bias,
