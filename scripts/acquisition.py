@@ -99,10 +99,10 @@ def plan_grid(
 
 def bias_field(rng: np.random.Generator, grid: Grid) -> np.ndarray:
     """A multiplicative bias: ``exp`` of a coarse (30-60 % of the grid) and a medium (20-40 mm)
-    random field, strengths 0.1-0.5 and 0-0.2, times the slab's profile (0-30 % darker at its
+    random field, strengths 0.1-0.4 and 0-0.2, times the slab's profile (0-30 % darker at its
     faces). Shape ``grid.shape``, float32."""
     coarse = smooth_field(rng, grid.shape, grid.spacing, rng.uniform(0.3, 0.6) * grid.extent.max())[0]
-    coarse *= np.float32(rng.uniform(0.1, 0.5))
+    coarse *= np.float32(rng.uniform(0.1, 0.4))
     medium = smooth_field(rng, grid.shape, grid.spacing, rng.uniform(20.0, 40.0))[0]
     coarse += np.float32(rng.uniform(0.0, 0.2)) * medium
     del medium
@@ -149,17 +149,31 @@ def rician_noise(rng: np.random.Generator, image: np.ndarray, sigma: float) -> n
 
 
 def zero_borders(rng: np.random.Generator, arrays: Sequence[np.ndarray]) -> None:
-    """With probability 0.15, zero a band 2-12 % deep along one or two of the grid's faces, in place."""
+    """With probability 0.15, zero a band 2-12 % deep along one or two of the grid's faces, in place.
+
+    Args:
+        rng: the random generator.
+        arrays: ``(H, W, D)`` arrays, the label second; nothing is zeroed where that would
+            leave the label empty.
+    """
     if rng.random() >= 0.15:
         return
     shape = arrays[0].shape
+    bands = []
     for face in rng.choice(6, size=int(rng.integers(1, 3)), replace=False):
         axis, end = divmod(int(face), 2)
         width = max(1, int(rng.uniform(0.02, 0.12) * shape[axis]))
         band = [slice(None)] * 3
         band[axis] = slice(shape[axis] - width, None) if end else slice(0, width)
+        bands.append(tuple(band))
+    kept = np.ones(shape, bool)
+    for band in bands:
+        kept[band] = False
+    if not np.any(arrays[1][kept]):
+        return
+    for band in bands:
         for array in arrays:
-            array[tuple(band)] = 0
+            array[band] = 0
 
 
 def store(

@@ -118,7 +118,6 @@ def _arteries(rng: np.random.Generator, head: Head, grid: Grid, num_roots: int |
     """Arterial trees rising through the slab's floor: carotids, basilar, then smaller roots."""
     s, v, unit = head.scale, radius_scale, min(grid.spacing[:2])
     c, brain = head.centre, head.brain_axes
-    floor = -grid.spacing[2]
     roots = [(np.array([side * rng.uniform(12, 20) * s, rng.uniform(5, 15) * s, 0]),
               np.array([side * rng.uniform(0.3, 0.8), rng.uniform(0.0, 0.4), 1.0]) + rng.normal(scale=0.2, size=3),
               rng.uniform(2.0, 4.0)) for side in (-1, 1)]
@@ -129,7 +128,13 @@ def _arteries(rng: np.random.Generator, head: Head, grid: Grid, num_roots: int |
         place = np.array([rad * brain[0] * np.cos(angle), rad * brain[1] * np.sin(angle), 0])
         roots.append((place, np.array([*rng.normal(scale=0.8, size=2), 1.0]), rng.uniform(0.8, 2.0)))
     count = num_roots if num_roots is not None else 3 + int(rng.integers(1, MAX_ROOTS - 2))
-    roots = [(np.array([c[0], c[1], floor]) + p, d, r * v) for p, d, r in roots[:count]]
+    # Roots enter through the slab's floor, or through the brain's underside where a head
+    # scaled into a small grid ends above the floor.
+    roots = [(c * [1, 1, 0] + p, d, r * v) for p, d, r in roots[:count]]
+    for point, _, _ in roots:
+        across = min(1.0, float(np.sum(((point - c)[:2] / brain[:2]) ** 2)))
+        point[2] = max(0.0, c[2] - 0.9 * brain[2] * np.sqrt(1.0 - across))
+    floor = 0.0
     r_min = max(0.3 * v, min_radius * float(np.prod(grid.spacing)) ** (1 / 3))
     roots = [(p, d, max(r, 1.5 * r_min)) for p, d, r in roots]
     margin = 4 * unit
@@ -156,13 +161,17 @@ def _arteries(rng: np.random.Generator, head: Head, grid: Grid, num_roots: int |
     return add_aneurysms(rng, tree, count, (1.5 * v, 5.0 * v), max(1.0 * v, 2 * r_min))
 
 
-def _inflow(rng: np.random.Generator, tree: VesselTree, thickness: float, radius_scale: float) -> VesselTree:
-    """Inflow signal: 0.7-1 by radius (slow flow in small vessels), times the saturation
-    along the path (decay length 100-400 mm) and towards the slab's top (0-40 %), at least 0.55."""
+def _inflow(rng: np.random.Generator, tree: VesselTree, thickness: float, radius_scale: float,
+            tissue: float) -> VesselTree:
+    """Inflow signal: the enhancement over stationary ``tissue`` shrinks with the radius (to
+    0.7 in small vessels, slow flow) and saturates along the path (decay length 100-400 mm)
+    and towards the slab's top (by 0-40 %), to at least 0.5 of the fresh blood's."""
     small = 0.7 + 0.3 * np.sqrt(np.minimum(1.0, tree.start_radii / (2.0 * radius_scale)))
     height = np.clip((tree.starts[:, 2] + tree.ends[:, 2]) / (2 * thickness), 0, 1)
     saturation = np.exp(-tree.path_lengths / rng.uniform(100, 400)) * (1 - rng.uniform(0, 0.4) * height)
-    return replace(tree, intensities=tree.intensities * small * np.maximum(0.55, saturation))
+    # Saturated blood tends to the tissue's signal, never below it.
+    enhancement = (tree.intensities - tissue) * small * np.maximum(0.5, saturation)
+    return replace(tree, intensities=tissue + enhancement)
 
 
 def synthesize_case(
@@ -258,12 +267,12 @@ def synthesize_case(
     radius_scale = max(scale, min(1.0, unit / 1.5))
 
     tree = _arteries(vessels, head, grid, num_roots, min_radius, tortuosity, radius_scale)
-    tree = _inflow(vessels, tree, extent[2], radius_scale)
+    gm = 1.0 / contrast
+    tree = _inflow(vessels, tree, extent[2], radius_scale, gm)
     venous = venous_tree(veins, head, radius_scale, veins.uniform(0.15, 0.75))
     coords = [(np.arange(n, dtype=np.float32) * np.float32(sp)).reshape([-1 if b == a else 1 for b in range(3)])
               for a, (n, sp) in enumerate(zip(grid.shape, grid.spacing))]
     voxel = float(np.prod(grid.spacing) ** (1 / 3))
-    gm = 1.0 / contrast
     image, fat = render_head(tissue, head, coords, voxel, gm)
     vein_occ, vein_signal, _ = render_segments(venous, grid.shape, grid.spacing)
     image *= 1 - vein_occ
