@@ -1,0 +1,97 @@
+"""The generalisation benchmark runs end to end on tiny held-out sources with tiny untrained networks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from scripts import benchmark_generalisation as bg
+from scripts.benchmark_accuracy import TINY_LEVELS, model_parser
+from scripts.heldout import SOURCES, write_source
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_checkpoints(folder: str) -> tuple[str, str]:
+    """Untrained tiny 2.5D (configs/inference.json's network) and 3D U-Net weights."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
+    for key, value in TINY_LEVELS.items():
+        parser[f"network_def#{key}"] = value
+    unet25d = os.path.join(folder, "unet25d.pt")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), unet25d)
+    unet3d = os.path.join(folder, "unet3d.pt")
+    torch.save(model_parser("unet3d", [16, 16, 16], tiny=True)[0].get_parsed_content("network_def").state_dict(), unet3d)
+    return unet25d, unet3d
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generalisation")
+    unet25d, unet3d = _tiny_checkpoints(str(folder))
+    # stands in for the training generator's data: the thresholds are chosen on whatever folder is named
+    train_dir = str(folder / "train")
+    write_source(train_dir, "spacecol", num_cases=2, seed=5, scale=0.2)
+    out = str(folder / "docs")
+    path = bg.main(out=out, work_dir=str(folder / "work"), ckpt=unet25d, unet3d_ckpt=unet3d, windows=(32, 32, -1),
+                   num_cases=1, seed=1, scale=0.3, train_data_dir=train_dir, tiny=True, figures=True)
+    with open(os.path.join(out, "generalisation.json")) as f:
+        return path, open(path).read(), json.load(f), folder
+
+
+def test_page_has_every_source_and_method(page):
+    path, text, results, _ = page
+    assert path.endswith("generalisation.md")
+    for source in SOURCES:
+        assert f"## {source}" in text and os.path.isfile(os.path.join(os.path.dirname(path), "images",
+                                                                       f"generalisation_{source}.png"))
+        methods = results["sources"][source]["methods"]
+        assert set(methods) == set(bg.METHODS) and all(m["status"] == "run" for m in methods.values())
+        assert 0 <= methods["whole"]["dice"] <= 1 and methods["whole"]["seconds"] > 0
+    assert "## Mean over sources" in text and "not run" not in text
+    assert "python -m scripts.benchmark_generalisation" in text and "nilearn" in text
+
+
+def test_thresholds_come_from_the_named_training_data(page):
+    _, text, results, folder = page
+    chosen = results["chosen"]
+    assert chosen["data"] == str(folder / "train") and chosen["num_cases"] == 1
+    assert 0 < chosen["frangi"]["threshold"] < 1 and 0 < chosen["threshold"]["threshold"] < 1
+    assert f"{chosen['frangi']['threshold']:.2f}" in text
+
+
+def test_inference_settings_follow_the_configs(page):
+    _, _, results, _ = page
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
+    assert results["settings"]["whole"]["sw_roi_size"] == list(parser["sw_roi_size"])
+    assert results["settings"]["windows_run"]["sw_roi_size"] == [32, 32, -1]
+
+
+def test_held_out_set_is_cached(page):
+    _, _, _, folder = page
+    stamp = os.path.getmtime(folder / "work" / "heldout" / "spacecol" / "dataset.json")
+    assert bg.build_heldout(str(folder / "work"), 1, 1, 0.3)["spacecol"].endswith("spacecol")
+    assert os.path.getmtime(folder / "work" / "heldout" / "spacecol" / "dataset.json") == stamp
+
+
+def test_unet3d_without_checkpoint_is_not_run(page):
+    _, _, results, _ = page
+    missing = copy.deepcopy(results)
+    missing["settings"]["unet3d_ckpt"] = None
+    for source in missing["sources"].values():
+        source["methods"]["unet3d"] = {"status": "not run"}
+    text = bg.render(missing, "python -m scripts.benchmark_generalisation")
+    assert text.count("| MONAI 3D U-Net, equal training budget (configs/unet3d.json) | not run |") == len(SOURCES) + 1
+
+
+def test_prediction_on_another_grid_is_refused(tmp_path):
+    write_source(str(tmp_path), "spacecol", num_cases=1, seed=1, scale=0.2)
+    label = os.path.join(tmp_path, "labelsTs", "spacecol_001.nii.gz")
+    with pytest.raises(ValueError, match="label's grid"):
+        bg._score(torch.zeros(3, 3, 3), label)
