@@ -68,10 +68,9 @@ class HeldoutCase:
 
 @dataclass(frozen=True)
 class _Scene:
-    """A noise-free, bias-free head on a canonical (RAS-ordered) grid: image, vessel occupancy in [0, 1], label."""
+    """A noise-free, bias-free head on a canonical (RAS-ordered) grid: the image and the vessel label."""
 
     image: np.ndarray
-    occupancy: np.ndarray
     label: np.ndarray
     spacing: tuple[float, float, float]
     tissue_level: float
@@ -280,7 +279,7 @@ def _spacecol_scene(rng: np.random.Generator, fov_mm: Sequence[float], spacing: 
     sinus, _, _ = render_vessels(arc[:-1], arc[1:], sinus_r, sinus_r, shape, spacing, supersample=2)
     sinus *= 1 - occupancy
     image = image * (1 - sinus) + tissue * rng.uniform(1.4, 2.2) * sinus
-    return _Scene(image.astype(np.float32), occupancy, label, spacing, tissue,
+    return _Scene(image.astype(np.float32), label, spacing, tissue,
                   {"attractors": len(points), "vessel_to_tissue": vessel_level / tissue})
 
 
@@ -354,8 +353,8 @@ def _anatomy_scene(rng: np.random.Generator, scale: float, spacing: Sequence[flo
     roots[:, :2] = centre_mm[:2] + (roots[:, :2] - centre_mm[:2]) * min(1.0, scale * 2)
     vessel_level = tissue * rng.uniform(2.5, 4.0)
     trees = _trees(rng, points - origin, roots - origin, leaf_radius)
-    image, occupancy, label = _with_vessels(image, trees, spacing, vessel_level)
-    return _Scene(image.astype(np.float32), occupancy, label, spacing, tissue,
+    image, _, label = _with_vessels(image, trees, spacing, vessel_level)
+    return _Scene(image.astype(np.float32), label, spacing, tissue,
                   {"attractors": len(points), "vessel_to_tissue": vessel_level / tissue, "mni_centre_mm": centre_mm})
 
 

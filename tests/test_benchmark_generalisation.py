@@ -26,7 +26,8 @@ def _tiny_checkpoints(folder: str) -> tuple[str, str]:
     unet25d = os.path.join(folder, "unet25d.pt")
     torch.save(parser.get_parsed_content("network_def").state_dict(), unet25d)
     unet3d = os.path.join(folder, "unet3d.pt")
-    torch.save(model_parser("unet3d", [16, 16, 16], tiny=True)[0].get_parsed_content("network_def").state_dict(), unet3d)
+    parser3d = model_parser("unet3d", [16, 16, 16], tiny=True)[0]
+    torch.save(parser3d.get_parsed_content("network_def").state_dict(), unet3d)
     return unet25d, unet3d
 
 
