@@ -79,7 +79,9 @@ def oracle_score(label: torch.Tensor, num_directions: int, kind: str, filter_siz
             masks = (Projection("max")(label, num_directions) > 0.5).to(label.dtype)
             return Backprojection()(masks, h, w, num_directions)
         if kind == "fbp":
-            ramp = Filtration(1, filter_size, 1, "ramp")
+            # Kak & Slaney's taps as they are: spreading the truncation's DC residue over every tap would
+            # change the filter this oracle stands for
+            ramp = Filtration(1, filter_size, 1, "ramp", constrain_dc=False)
             sums = Projection("sum")(label, num_directions)
             # FBP is f = (pi / p) sum_k (h * P_k) with h(0) = 1/4 at unit bin spacing (Kak & Slaney,
             # eq. 3.61); F's ramp has h(0) = 1 and R averages (1 / p): hence the factor pi / 4, which
