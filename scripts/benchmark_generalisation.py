@@ -227,7 +227,7 @@ def run(work_dir: str = "eval/generalisation", ckpt: str = "models/model.pt", un
                                   "ckpt": ckpt, "unet3d_ckpt": unet3d_ckpt, "tiny": tiny, "threads":
                                   torch.get_num_threads()}, "chosen": chosen, "sources": {}}
     for source, folder in dirs.items():
-        entries = load_datalist(folder, check=False)["test"]
+        entries = load_datalist(folder, check=False, require_training=False)["test"]
         with open(os.path.join(folder, "dataset.json")) as f:
             cases = json.load(f)["cases"]
         methods = {}
@@ -322,7 +322,7 @@ def _figures(results: dict, out: str) -> dict[str, str]:
 
     paths = {}
     for source, result in results["sources"].items():
-        entry = load_datalist(result["dir"], check=False)["test"][0]
+        entry = load_datalist(result["dir"], check=False, require_training=False)["test"][0]
         path = os.path.join(out, "images", f"generalisation_{source}.png")
         save_mip_preview(entry["image"], entry["label"], path, title=f"{source}: {os.path.basename(entry['image'])}",
                          rotating=0)

@@ -117,6 +117,7 @@ def load_datalist(
     synthetic_cases: int = 20,
     synthetic_seed: int = 0,
     check: bool = True,
+    require_training: bool = True,
 ) -> dict[str, list[dict]]:
     """The ``training``, ``validation`` and ``test`` lists of a dataset folder, checked.
 
@@ -131,6 +132,8 @@ def load_datalist(
         synthetic_cases: the number of synthetic cases to generate.
         synthetic_seed: the seed of the synthetic data.
         check: whether to check every file's header (:func:`check_pair`, :func:`check_image`).
+        require_training: refuse a dataset without training cases; False for evaluation, which reads a
+            datalist of held-out cases only (e.g. a ``test`` list alone).
 
     Returns:
         ``{"training": [...], "validation": [...], "test": [...]}``, entries
@@ -153,8 +156,10 @@ def load_datalist(
     else:
         lists = entries_from_folders(dataset_dir)
         source = dataset_dir
-    if not lists["training"]:
+    if not lists["training"] and require_training:
         raise DatasetNotFoundError(f"{source} lists no training cases.")
+    if not any(lists.values()):
+        raise DatasetNotFoundError(f"{source} lists no cases.")
     for entry in lists["training"] + lists["validation"]:
         if "label" not in entry:
             raise DatasetError(f"the training image {entry['image']} in {source} has no label.")

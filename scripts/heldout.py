@@ -471,8 +471,8 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
 def write_source(out_dir: str, source: str, num_cases: int = 3, seed: int = 0, scale: float = 1.0) -> str:
     """Write ``num_cases`` cases of ``source`` (``imagesTs/``, ``labelsTs/``) and a ``dataset.json``; return its path.
 
-    The ``test`` list is the set. Its ``training`` list repeats those cases only because the bundle's
-    datalist reader requires one (``scripts.data.load_datalist``): never train or choose anything on them.
+    The ``test`` list is the set, and there is no ``training`` list: never train or choose anything on these
+    cases. The evaluate command reads it (``configs/evaluate.json``, ``--eval_split test``).
     """
     if source not in BUILDERS:
         raise ValueError(f"unknown held-out source {source!r}; valid ones are {list(BUILDERS)}.")
@@ -490,9 +490,9 @@ def write_source(out_dir: str, source: str, num_cases: int = 3, seed: int = 0, s
         entries.append(entry)
         infos[name] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in case.info.items()}
     content = {"name": f"heldout_{source}", "description": f"held-out {source} cases (scripts.heldout, seed {seed}, "
-               f"scale {scale}): evaluation only; 'training' repeats 'test' because the bundle's reader needs one.",
+               f"scale {scale}): evaluation only.",
                "labels": {"0": "background", "1": "vessel"}, "numTest": num_cases, "cases": infos,
-               "test": entries, "training": entries}
+               "test": entries}
     path = os.path.join(out_dir, "dataset.json")
     with open(path, "w") as f:
         json.dump(content, f, indent=1)

@@ -11,7 +11,7 @@ import pytest
 from parameterized import parameterized
 
 from scripts import heldout
-from scripts.data import load_datalist
+from scripts.data import DatasetNotFoundError, load_datalist
 
 # (source, seed, scale): the smallest fields of view whose labels are not empty
 CASES = [["spacecol", 1, 0.25], ["anatomy", 0, 0.2], ["coarse", 1, 0.4]]
@@ -87,8 +87,10 @@ def test_render_vessels_partial_volume():
 
 def test_write_source_is_read_by_the_bundle(tmp_path):
     path = heldout.write_source(str(tmp_path), "spacecol", num_cases=2, seed=1, scale=0.2)
-    lists = load_datalist(str(tmp_path))  # checks every header: label on its image's grid
-    assert len(lists["test"]) == 2 and all("label" in e for e in lists["test"])
+    lists = load_datalist(str(tmp_path), require_training=False)  # checks every header: label on its image's grid
+    assert len(lists["test"]) == 2 and all("label" in e for e in lists["test"]) and not lists["training"]
+    with pytest.raises(DatasetNotFoundError, match="no training cases"):  # nobody trains on the held-out set
+        load_datalist(str(tmp_path))
     with open(path) as f:
         content = json.load(f)
     assert content["numTest"] == 2 and len(content["cases"]) == 2
@@ -102,3 +104,16 @@ def test_mni_template_ships_with_nilearn():
     files = heldout.mni_template_files()
     assert set(files) == {"t1", "gm", "wm"} and all(os.path.isfile(p) for p in files.values())
     assert "site-packages" in files["t1"] or "dist-packages" in files["t1"]
+
+
+def test_evaluate_config_reads_a_test_only_datalist(tmp_path):
+    """`run evaluating --eval_split test` reads a held-out folder that lists no training case."""
+    from monai.bundle import ConfigParser
+
+    heldout.write_source(str(tmp_path), "spacecol", num_cases=1, seed=2, scale=0.2)
+    parser = ConfigParser()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser.read_config([os.path.join(root, "configs", f) for f in ("train.json", "evaluate.json")])
+    parser.update({"dataset_dir": str(tmp_path), "eval_split": "test", "bundle_root": root})
+    data = parser.get_parsed_content("validate#dataset").data
+    assert [os.path.basename(e["image"]) for e in data] == ["spacecol_002.nii.gz"]
