@@ -39,7 +39,7 @@ import fire
 
 from scripts.workflows import metrics_markdown, replace_doc_section
 
-__all__ = ["SETTINGS", "WINDOWS", "run"]
+__all__ = ["SETTINGS", "WINDOWS", "trained_epochs", "run"]
 
 logger = logging.getLogger("scripts.default_model")
 
@@ -59,13 +59,32 @@ def _config(name: str) -> str:
     return os.path.join(BUNDLE_ROOT, "configs", name)
 
 
-def _doc_text(tables: dict[str, str], data_dir: str) -> str:
+def trained_epochs(ckpt_dir: str) -> tuple[int, int] | None:
+    """``(epochs trained, epochs planned)`` from the training state beside the weights (``checkpoint.ckpt``, the
+    trainer's state at its last epoch end); None where there is none."""
+    path = os.path.join(ckpt_dir, "checkpoint.ckpt")
+    if not os.path.isfile(path):
+        return None
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True).get("trainer") or {}
+    if "epoch" not in state or "max_epochs" not in state:
+        return None
+    return int(state["epoch"]), int(state["max_epochs"])
+
+
+def _doc_text(tables: dict[str, str], data_dir: str, trained: tuple[int, int] | None = None) -> str:
     s = SETTINGS
     window = "×".join(str(n) for n in WINDOWS[:2])
+    if trained is not None and trained[0] < trained[1]:
+        epochs = (f"stopped after {trained[0]} of the recipe's {trained[1]} epochs (`--resume true` continues it from "
+                  "`models/checkpoint.ckpt`)")
+    else:
+        epochs = f"{s['epochs']} epochs"
     return (
         "Written by `python -m scripts.default_model --update_docs True`: the shipped `models/model.pt`, trained "
         f"by `run training` on {s['synthetic_cases']} synthetic cases (`{data_dir}`, seed {s['synthetic_seed']}; "
-        f"{s['epochs']} epochs of train.json's crops of random size up to the whole volume, the best validation "
+        f"train.json's crops of random size up to the whole volume, {epochs}, the best validation "
         "Dice kept), then scored by the evaluate command (`run evaluating`) in one pass over each whole held-out "
         f"test volume:\n\n{tables['test']}\n\nOn the validation cases (which chose the checkpoint):\n\n"
         f"{tables['validation']}\n\nThe test cases in {window} in-plane windows of the whole depth "
@@ -152,7 +171,7 @@ def run(
     tables = {split: evaluate(split, split) for split in ("validation", "test")}
     tables["test_windows"] = evaluate("test_windows", "test", sw_roi_size=WINDOWS)
     if update_docs:
-        text = _doc_text(tables, data_dir)
+        text = _doc_text(tables, data_dir, trained_epochs(ckpt_dir))
         for doc in ("README.md", os.path.join("docs", "README.md")):
             replace_doc_section(os.path.join(BUNDLE_ROOT, doc), "default-model", text)
             logger.info("default-model section written to %s", doc)

@@ -63,6 +63,8 @@ def test_recipe_trains_and_evaluates(tmp_path):
     for table in tables.values():
         assert table.startswith("| case | Dice | clDice | HD95 (mm) |") and "**mean**" in table
     assert os.path.isfile(tmp_path / "models" / "model.pt")
+    assert default_model.trained_epochs(str(tmp_path / "models")) == (1, 1)
+    assert default_model.trained_epochs(str(tmp_path)) is None
     with pytest.raises(ValueError, match="leave --settings out"):
         default_model.run(update_docs=True, settings=tiny)
 
@@ -94,3 +96,6 @@ def test_doc_sentences_come_from_the_measured_json(tmp_path, monkeypatch, with_b
     assert ("test Dice 0.612 and MONAI's 3D U-Net 0.679 after 300 s" in text) == (with_b4 and runs == 1)
     assert ("mean test Dice over 3 trainings 0.612 and MONAI's 3D U-Net 0.679" in text) == (with_b4 and runs == 3)
     assert text.endswith("retrain on your own data for real use.")
+    assert "80 epochs" in text and "stopped after" not in text
+    stopped = default_model._doc_text({"test": "T", "validation": "V", "test_windows": "W"}, "data", (44, 80))
+    assert "stopped after 44 of the recipe's 80 epochs" in stopped
