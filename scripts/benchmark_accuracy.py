@@ -300,7 +300,7 @@ def _load_normalised(entries: Sequence[dict]) -> list[tuple[np.ndarray, torch.Te
         image = load(entry["image"])
         spacing = [float(s) for s in affine_to_spacing(image.affine, r=3)]
         label = (torch.as_tensor(np.asarray(load(entry["label"]))) > 0).float()[None, None]
-        out.append((np.asarray(scale(image), dtype=np.float32), label, spacing))
+        out.append((np.asarray(scale(image[None])[0], dtype=np.float32), label, spacing))
     return out
 
 

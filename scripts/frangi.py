@@ -264,7 +264,7 @@ def fit(
     for case in cases:
         image = load(case["image"])
         spacings.append([float(s) for s in affine_to_spacing(image.affine, r=3)])
-        images.append(np.asarray(scale(image), dtype=np.float32))
+        images.append(np.asarray(scale(image[None])[0], dtype=np.float32))
         labels.append(np.asarray(load(case["label"])) > 0)
     segmenter = FrangiSegmenter(sigmas_mm).fit(images, labels, spacings)
     result = {

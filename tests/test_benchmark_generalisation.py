@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser
 from scripts import benchmark_generalisation as bg
 from scripts.benchmark_accuracy import TINY_LEVELS, model_parser
 from scripts.heldout import SOURCES, write_source
+from scripts.synthetic import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,9 +36,9 @@ def _tiny_checkpoints(folder: str) -> tuple[str, str]:
 def page(tmp_path_factory):
     folder = tmp_path_factory.mktemp("generalisation")
     unet25d, unet3d = _tiny_checkpoints(str(folder))
-    # stands in for the training generator's data: the thresholds are chosen on whatever folder is named
+    # the training generator's data, small: the thresholds are chosen on its validation split
     train_dir = str(folder / "train")
-    write_source(train_dir, "spacecol", num_cases=2, seed=5, scale=0.2)
+    write_dataset(train_dir, num_cases=4, seed=5, size=[32, 32, 24], val_fraction=0.5, test_fraction=0.0)
     out = str(folder / "docs")
     path = bg.main(out=out, work_dir=str(folder / "work"), ckpt=unet25d, unet3d_ckpt=unet3d, windows=(32, 32, -1),
                    num_cases=1, seed=1, scale=0.3, train_data_dir=train_dir, tiny=True, figures=True)
@@ -61,7 +62,7 @@ def test_page_has_every_source_and_method(page):
 def test_thresholds_come_from_the_named_training_data(page):
     _, text, results, folder = page
     chosen = results["chosen"]
-    assert chosen["data"] == str(folder / "train") and chosen["num_cases"] == 1
+    assert chosen["data"] == str(folder / "train") and chosen["num_cases"] == 2  # the validation half of the 4 cases
     assert 0 < chosen["frangi"]["threshold"] < 1 and 0 < chosen["threshold"]["threshold"] < 1
     assert f"{chosen['frangi']['threshold']:.2f}" in text
 
