@@ -146,8 +146,6 @@ class Filtration(nn.Module):
         self.constrained = constrain_dc
         taps = _initial_taps(kernel_size, init)  # which checks init
         self.dc_gain = DC_GAINS[init]
-        if constrain_dc:
-            taps = taps + (self.dc_gain - taps.sum()) / kernel_size
         self.weight = nn.Parameter(taps.repeat(num_directions, channels, 1).reshape(num_directions, channels, 1, kernel_size, 1))
 
     def forward(self, q: torch.Tensor, num_directions: int, directions: list[int] | None = None) -> torch.Tensor:
