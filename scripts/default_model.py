@@ -68,17 +68,21 @@ def trained_epochs(ckpt_dir: str) -> tuple[int, int] | None:
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True).get("trainer") or {}
-    if "epoch" not in state or "max_epochs" not in state:
+    if "max_epochs" not in state:
         return None
-    return int(state["epoch"]), int(state["max_epochs"])
+    # ignite's state holds the epoch, or the iteration and the epoch's length
+    if "epoch" in state:
+        return int(state["epoch"]), int(state["max_epochs"])
+    if "iteration" in state and state.get("epoch_length"):
+        return int(state["iteration"]) // int(state["epoch_length"]), int(state["max_epochs"])
+    return None
 
 
 def _doc_text(tables: dict[str, str], data_dir: str, trained: tuple[int, int] | None = None) -> str:
     s = SETTINGS
     window = "×".join(str(n) for n in WINDOWS[:2])
     if trained is not None and trained[0] < trained[1]:
-        epochs = (f"stopped after {trained[0]} of the recipe's {trained[1]} epochs (`--resume true` continues it from "
-                  "`models/checkpoint.ckpt`)")
+        epochs = f"stopped after {trained[0]} of the recipe's {trained[1]} epochs"
     else:
         epochs = f"{s['epochs']} epochs"
     return (
