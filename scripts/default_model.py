@@ -30,7 +30,6 @@ Command line, from the bundle root::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -94,36 +93,8 @@ def _doc_text(tables: dict[str, str], data_dir: str, trained: tuple[int, int] | 
         f"{tables['validation']}\n\nThe test cases in {window} in-plane windows of the whole depth "
         f"(`--sw_roi_size \"{WINDOWS}\"`), the option that cuts the rays:\n\n{tables['test_windows']}\n\n"
         "On volumes from sources this generator never made: `docs/generalisation.md`. "
-        f"{_benchmark_sentence()}The weights are a working default; retrain on your own data for real use."
+        "The weights are a working default; retrain on your own data for real use."
     )
-
-
-def _json(name: str) -> dict | None:
-    """``docs/<name>`` as written by the benchmark scripts; None where it was not measured."""
-    path = os.path.join(BUNDLE_ROOT, "docs", name)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _benchmark_sentence() -> str:
-    """The 2.5D and the 3D U-Net's test Dice at equal budget, from B4 of ``docs/benchmarks.json`` if it was run."""
-    b4 = (_json("benchmarks.json") or {}).get("B4") or {}
-    models = b4.get("models", {})
-    dice = {m: models.get(m, {}).get("test", {}).get("dice") for m in ("unet25d", "unet3d")}
-    if None in dice.values():
-        return ""
-    budget = b4.get("budget_s")
-    at = f" after {budget:.0f} s of training each" if budget else ""
-    runs = [len(models[m].get("runs", [None])) for m in ("unet25d", "unet3d")]
-    if min(runs) > 1:
-        what, moves = f"mean test Dice over {min(runs)} trainings", "the runs' ranges are on that page"
-    else:
-        what, moves = "test Dice", "the difference moves from run to run"
-    return (f"At equal budget on the benchmark's synthetic split the random 2.5D U-Net reached {what} "
-            f"{dice['unet25d']:.3f} and MONAI's 3D U-Net {dice['unet3d']:.3f}{at} (`docs/benchmarks.md`, B4; "
-            f"{moves}). ")
 
 
 def run(
