@@ -60,7 +60,11 @@ def masks(tmp_path_factory):
     return read("case"), {fill: (read(f"padded_{fill}"), offsets[fill]) for fill in offsets}, case.label > 0
 
 
-@pytest.mark.parametrize("fill", ["air", "zeros"])
+AIR_NOT_YET = pytest.mark.xfail(strict=True, reason="issue 26: with noisy air around it (the MIP of longer rays of "
+                                "noise beside the head) the shipped model's mask moves, Dice 0.28 on the common region")
+
+
+@pytest.mark.parametrize("fill", [pytest.param("air", marks=AIR_NOT_YET), "zeros"])
 def test_padded_field_of_view_gives_the_same_mask(masks, fill):
     mask, padded, _ = masks
     big, (oh, ow) = padded[fill]
