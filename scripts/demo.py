@@ -124,7 +124,8 @@ def run_demo(
     t = _step(f"2/5 training, {epochs} epochs (configs/train.json)")
     bundle_run("training", config_file=_config("train.json"), output_dir=metrics_dir, epochs=epochs,
                val_interval=val_interval,
-               roi_size=[roi_size] * 3, batch_size=1, num_samples=2, learning_rate=learning_rate, **common)
+               roi_size=[roi_size] * 3, max_roi_size=[roi_size] * 3, batch_size=1, num_samples=2,
+               learning_rate=learning_rate, **common)
     logger.info("step done in %.0f s", time.time() - t)
 
     t = _step("3/5 evaluation on the test cases (configs/evaluate.json)")
