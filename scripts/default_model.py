@@ -5,7 +5,7 @@ metrics that ``README.md`` and ``docs/README.md`` quote:
 
 1. training (``configs/train.json``, ``run training``) on the embedded synthetic data with the
    settings of :data:`SETTINGS` (train.json's crops of random size up to the whole volume; about
-   75 minutes on 2 CPU cores), the same as the command line::
+   90 minutes on 2 CPU cores at about 1 s a step, 56 steps an epoch), the same as the command line::
 
        python -m monai.bundle run training --config_file configs/train.json \\
            --synthetic_dir eval/default_model/data --synthetic_cases 80 --synthetic_seed 1 \\
