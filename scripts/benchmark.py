@@ -272,6 +272,7 @@ def run(
     crop: int | None = None,
     batch: int | None = None,
     runs: int | None = None,
+    update: bool = False,
 ) -> str:
     """Run the benchmarks and write ``<out>/benchmarks.md``, ``<out>/benchmarks.json`` and plots.
 
@@ -290,6 +291,9 @@ def run(
         runs: B4's trainings of the 2.5D and the 3D U-Net (training seeds ``seed``, ``seed + 1``, ...; the
             data stay those of ``seed``): the page gives means and ranges (default 1). The slice stack
             trains once; B5 uses the first run's 2.5D model.
+        update: keep the other benchmarks of ``<out>/benchmarks.json`` and replace only those of ``only``
+            (their command, date and machine listed under ``updates`` and on the page); the settings of the
+            earlier run stay, so ``quick`` must match it.
 
     Returns:
         the path of the Markdown page.
@@ -356,6 +360,8 @@ def run(
     results["total_seconds"] = time.perf_counter() - start
     results["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     os.makedirs(out, exist_ok=True)
+    if update:
+        results = _merged(os.path.join(out, "benchmarks.json"), results, benches)
     with open(os.path.join(out, "benchmarks.json"), "w") as f:
         json.dump(_finite(results), f, indent=1)
     page = report(out)
@@ -364,6 +370,26 @@ def run(
                           for t in results["targets"]]))
     logger.info("wrote %s and benchmarks.json in %.0f s", page, results["total_seconds"])
     return page
+
+
+def _merged(path: str, new: dict, benches: set[str]) -> dict:
+    """The results saved in ``path`` with the benchmarks ``benches`` replaced by ``new``'s, and ``new``'s command,
+    date and machine appended to their ``updates``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--update keeps the other benchmarks of {path}, which does not exist: run all first.")
+    with open(path) as f:
+        results = json.load(f)
+    if bool(results.get("quick")) != bool(new["quick"]):
+        raise ValueError(f"--update: {path} holds a {'quick' if results.get('quick') else 'full'} run; "
+                         f"this one is {'quick' if new['quick'] else 'full'}: their numbers do not mix.")
+    for b in sorted(benches):
+        results[b] = new[b]
+    results.setdefault("updates", []).append(
+        {"benchmarks": sorted(benches), "command": new["command"], "environment": new["environment"],
+         "seconds": new["total_seconds"], "settings": new["settings"]})
+    results["targets"] = check_targets(results, results["settings"]["target_inference_size"],
+                                       results["settings"]["target_step_size"])
+    return results
 
 
 def report(out: str = "docs") -> str:

@@ -115,7 +115,7 @@ def check_targets(results: dict, inference_size: Sequence[int], step_size: Seque
                         "status": target_status(value, threshold, higher)})
 
     for bench, size, speed, mem, label in (
-        ("B1", inference_size, 5, 3, "inference"),
+        ("B1", inference_size, 10, 4, "inference"),  # issue 26: whole volumes
         ("B2", step_size, 5, 4, "training step"),
     ):
         row, where = _at(results.get(bench, {}).get("ratios", []), size)
@@ -732,6 +732,13 @@ def render(results: dict, images: dict[str, str], ceiling: dict | None = None) -
         "(`settle_s` in the JSON: on a loaded machine a fresh process's worker threads lag for seconds). "
         "Inputs of B1-B3 are random tensors; weights are untrained." + _kernels_note(results),
         "",
+    ]
+    for u in results.get("updates", []):
+        e = u["environment"]
+        lines += [f"{', '.join(u['benchmarks'])} measured again by `{u['command']}` on {e['date']} in "
+                  f"{fmt(u.get('seconds'), '.0f')} s (load average {_load(e.get('load_average'))} at the start, "
+                  f"{_load(e.get('load_average_end'))} at the end); the rest is the run above.", ""]
+    lines += [
         "## Targets (issue 5)",
         "",
         markdown_table(["benchmark", "target", "measured", "where", "status"],
