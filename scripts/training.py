@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from monai.data import pad_list_data_collate
 from monai.engines import PrepareBatch, default_prepare_batch
 
 from scripts.layers import FineTuning
 
-__all__ = ["TwoPathPrepareBatch", "main_path", "parameter_groups", "train_step"]
+__all__ = ["TwoPathPrepareBatch", "crops_collate", "main_path", "parameter_groups", "train_step"]
 
 
 class TwoPathPrepareBatch(PrepareBatch):
@@ -40,6 +41,18 @@ class TwoPathPrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         return image, label, (), {"num_subset": self.num_subset}
+
+
+def crops_collate(batch: list) -> Any:
+    """Collate crops of different sizes into one batch, padded with zeros to the largest (``collate_fn``).
+
+    ``batch`` holds one item per volume: a dict, or the list of ``num_samples`` crops that a ``...Samplesd``
+    transform made of it. The crops of all volumes, in order, go through MONAI's ``pad_list_data_collate``:
+    the batch is ``(sum of crops, C, H_max, W_max, D_max)``. MONAI's function alone pads only a list of dicts,
+    so with ``num_samples`` > 1 it stacks crops of different sizes and fails.
+    """
+    crops = [crop for item in batch for crop in (item if isinstance(item, list) else [item])]
+    return pad_list_data_collate(crops)
 
 
 def parameter_groups(network: torch.nn.Module, learning_rate: float, fine_tuning_factor: float = 1.0) -> list[dict]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
+from monai.transforms import RandSpatialCropSamplesd
 from monai.losses import DiceLoss
 from parameterized import parameterized
 
 from scripts.losses import EPS, TwoPathDiceLoss, clamped_bce, sigmoid_dice_bce
 from scripts.net import UNet25D
-from scripts.training import TwoPathPrepareBatch, main_path, parameter_groups
+from scripts.training import TwoPathPrepareBatch, crops_collate, main_path, parameter_groups
 
 
 @parameterized.expand([[1.0, 1], [0.5, 1], [2.0, 3]])
@@ -328,3 +330,20 @@ def test_train_config_optimizer_groups(override):
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
     scheduler = parser.get_parsed_content("lr_scheduler")
     assert scheduler.base_lrs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("num_samples, batch_size, num_workers", [(1, 1, 0), (1, 3, 0), (2, 2, 0), (3, 2, 1)])
+def test_crops_of_random_size_collate_padded(num_samples, batch_size, num_workers):
+    """train.json's loader: crops of random size (several per volume) in one batch, padded with zeros to the largest;
+    also through a worker process."""
+    volumes = [{"image": torch.rand(1, 20, 18, 10) + 1, "label": torch.ones(1, 20, 18, 10)} for _ in range(3)]
+    crop = RandSpatialCropSamplesd(["image", "label"], roi_size=[4, 4, 2], num_samples=num_samples, random_size=True)
+    crop.set_random_state(0)
+    loader = DataLoader(Dataset(volumes, crop), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=crops_collate)
+    batches = list(loader)
+    assert sum(b["image"].shape[0] for b in batches) == 3 * num_samples
+    for b in batches:
+        assert b["image"].shape == b["label"].shape and b["image"].shape[1] == 1
+        for image, label in zip(b["image"], b["label"]):  # each crop: its voxels, then zeros up to the batch's size
+            assert torch.equal(image > 0, label > 0) and (image > 0).sum() >= 4 * 4 * 2
