@@ -60,8 +60,8 @@ def masks(tmp_path_factory):
     return read("case"), {fill: (read(f"padded_{fill}"), offsets[fill]) for fill in offsets}, case.label > 0
 
 
-AIR_NOT_YET = pytest.mark.xfail(strict=True, reason="issue 26: with noisy air around it (the MIP of longer rays of "
-                                "noise beside the head) the shipped model's mask moves, Dice 0.28 on the common region")
+AIR_NOT_YET = pytest.mark.xfail(strict=True, reason="issue 26: the MIP of noise grows with the ray length, and the "
+                                "shipped U loses its vessel logits at the higher air level: Dice 0.28 on the common region")
 
 
 @pytest.mark.parametrize("fill", [pytest.param("air", marks=AIR_NOT_YET), "zeros"])
