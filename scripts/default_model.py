@@ -16,7 +16,10 @@ metrics that ``README.md`` and ``docs/README.md`` quote:
 2. evaluation (``train.json`` + ``evaluate.json``, ``run evaluating``) of the best checkpoint on
    the validation and the held-out test split of that data, in one pass over each whole volume (the
    inference config's default) and, for comparison, in in-plane windows of :data:`WINDOWS`,
-3. with ``--update_docs True``: the test table into the ``default-model`` sections of
+3. after training, ``models/training_manifest.json`` (:mod:`scripts.manifest`): the generator, the seeds and
+   the voxel hash of every case the weights learnt from, so a test can show that the default evaluation
+   shares no case with them,
+4. with ``--update_docs True``: the test table into the ``default-model`` sections of
    ``README.md`` and ``docs/README.md``.
 
 How the model does on volumes this generator never made: ``python -m scripts.benchmark_generalisation``
@@ -133,6 +136,9 @@ def run(
     if train:
         logger.info("training the default model (%s)", ", ".join(f"{k} {v}" for k, v in recipe.items()))
         bundle_run("training", config_file=_config("train.json"), output_dir=output_dir, **{**common, **recipe})
+        from scripts.manifest import write_manifest
+
+        write_manifest(ckpt_dir, data_dir, settings=recipe)
     if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         raise FileNotFoundError(f"no {os.path.join(ckpt_dir, 'model.pt')} to evaluate: train first (--train True).")
 
