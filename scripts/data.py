@@ -32,7 +32,8 @@ name (at least one, while one training case is left), are held out for validatio
 else every image in ``DIR/imagesTs``, else in ``DIR/imagesTr``, else in ``DIR`` itself.
 
 Images are NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
-``.mhd``). Every file is checked from its header alone (cheap, before training starts):
+``.mhd``) files, or DICOM series folders (one series per folder, :mod:`scripts.files`; a
+datalist's ``"image"`` may name such a folder). Every file is checked from its header alone (cheap, before training starts):
 readable, a single-channel 3D volume, and a label has its image's shape and affine. Bad input
 raises :class:`DatasetError` (a ``ValueError``) or :class:`DatasetNotFoundError` (a
 ``FileNotFoundError``), always naming the file or folder.
@@ -195,7 +196,8 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     The ``test`` list of ``dataset_dir/dataset.json`` if it has one, else every image file in
     ``dataset_dir/imagesTs``, else in ``dataset_dir/imagesTr``, else in ``dataset_dir/images``,
     else in ``dataset_dir``; in an nnU-Net v2 dataset, the cases of ``imagesTs``, else of
-    ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file.
+    ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file or the folder
+    of one DICOM series; a DICOM series in a subfolder of any of these folders is one image.
 
     Raises:
         DatasetNotFoundError: the folder does not exist or holds no image.
@@ -223,7 +225,8 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     if not images:
         raise DatasetNotFoundError(
             f"no image to segment in {dataset_dir}: no 'test' list in a dataset.json and no "
-            f"{'/'.join(IMAGE_SUFFIXES)} file in imagesTs/, imagesTr/, images/ or the folder itself."
+            f"{'/'.join(IMAGE_SUFFIXES)} file or DICOM series folder in imagesTs/, imagesTr/, images/ or the folder "
+            "itself."
         )
     if check:
         for image in images:
