@@ -107,6 +107,26 @@ def _generate_synthetic(dataset_dir: str, num_cases: int, seed: int) -> None:
     write_dataset(dataset_dir, num_cases=num_cases, seed=seed)
 
 
+def _is_empty(folder: str) -> bool:
+    """An empty folder (one that cannot be listed is not: :func:`_check_folder` names it)."""
+    try:
+        return not os.listdir(folder)
+    except OSError:
+        return False
+
+
+def _check_folder(dataset_dir: str) -> None:
+    """A missing folder, a file given as a folder, or a folder that cannot be listed: an error naming it."""
+    if not os.path.exists(dataset_dir):
+        raise DatasetNotFoundError(f"the dataset folder {dataset_dir} does not exist.")
+    if not os.path.isdir(dataset_dir):
+        raise DatasetError(f"the dataset folder {dataset_dir} is a file, not a folder (nor an image to segment).")
+    try:
+        os.listdir(dataset_dir)
+    except OSError as error:
+        raise DatasetError(f"cannot list the dataset folder {dataset_dir}: {error.strerror}.") from error
+
+
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
 
@@ -142,14 +162,15 @@ def load_datalist(
 
     Raises:
         DatasetNotFoundError: the folder is missing or holds no training case, or a file is missing.
-        DatasetError: a bad datalist, an image without a label, or a bad file.
+        DatasetError: a bad datalist, an image without a label, or a bad file; a file given as the folder, or a
+            folder that cannot be listed.
     """
     dataset_dir = os.path.abspath(os.fspath(dataset_dir))
-    missing = not os.path.isdir(dataset_dir) or not os.listdir(dataset_dir)
+    missing = not os.path.exists(dataset_dir) or (os.path.isdir(dataset_dir) and _is_empty(dataset_dir))
     if missing and synthetic_dir is not None and _same_path(dataset_dir, synthetic_dir):
         _generate_synthetic(dataset_dir, synthetic_cases, synthetic_seed)
-    elif not os.path.isdir(dataset_dir):
-        raise DatasetNotFoundError(f"the dataset folder {dataset_dir} does not exist.")
+    else:
+        _check_folder(dataset_dir)
     json_path = os.path.join(dataset_dir, "dataset.json")
     if os.path.isfile(json_path):
         lists = entries_from_json(dataset_dir, json_path)
@@ -206,9 +227,8 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     dataset_dir = os.path.abspath(os.fspath(dataset_dir))
     if is_image(dataset_dir):
         images = [dataset_dir]
-    elif not os.path.isdir(dataset_dir):
-        raise DatasetNotFoundError(f"the dataset folder {dataset_dir} does not exist.")
     else:
+        _check_folder(dataset_dir)
         json_path = os.path.join(dataset_dir, "dataset.json")
         images = []
         content = read_json(json_path) if os.path.isfile(json_path) else {}
