@@ -31,6 +31,8 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 
 from scripts.checkpoint_io import (
+    CheckpointError,
+    CheckpointNotFoundError,
     unwrap,
     check_state_dict,
     describe_network,
@@ -196,7 +198,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 if self.engine_key is not None
                 else "train first, or set --ckpt_dir to the folder that holds the weights"
             )
-            raise FileNotFoundError(f"{e} ({hint})") from e
+            raise CheckpointNotFoundError(f"{e} ({hint})") from e
         self._check(checkpoint)
         super().__call__(engine)
         if self.engine_key is not None:
@@ -212,7 +214,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
             checkpoint = {first: checkpoint}  # a plain state dict, as CheckpointLoader reads it
         absent = [key for key in self.load_dict if key not in checkpoint]
         if absent:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.load_path} holds {', '.join(map(str, checkpoint)) or 'nothing'} but not {', '.join(absent)}:"
                 " resuming needs a training checkpoint (checkpoint.ckpt), evaluation and inference the weights"
                 " (model.pt)."

@@ -1,7 +1,10 @@
 """Image files of a dataset: suffixes, case names, listing, and checks from the header alone.
 
 Images are NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
-``.mhd``). :func:`check_image` and :func:`check_pair` read only headers (cheap, before training
+``.mhd``) files, or DICOM series: a folder holding the files of one series (any names; a file
+counts as DICOM by its ``DICM`` preamble), read by ITK (GDCM) with the series' geometry, as
+MONAI's ``LoadImage(reader="ITKReader")`` reads it. A series folder's case name is the folder's
+name. :func:`check_image` and :func:`check_pair` read only headers (cheap, before training
 starts): readable, a single-channel 3D volume with a finite, invertible affine (and, for an
 uncompressed NIfTI, all the voxel data its header announces), and a label on its image's grid
 (same shape and affine). Bad input raises :class:`DatasetError` (a ``ValueError``) or
@@ -20,6 +23,7 @@ __all__ = [
     "DatasetNotFoundError",
     "case_name",
     "is_image",
+    "is_dicom_series",
     "list_images",
     "read_header",
     "check_image",
@@ -46,13 +50,34 @@ def case_name(path: str) -> str:
     return base
 
 
+def _is_dicom_file(path: str) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after a 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_series(path: str, probe: int = 3) -> bool:
+    """Whether ``path`` is a folder of DICOM files (judged by its first ``probe`` files, by name; cheap)."""
+    if not os.path.isdir(path) or os.path.basename(os.path.normpath(path)).startswith("."):
+        return False
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith(".")]
+    files = [f for f in files if os.path.isfile(f)][:probe]
+    return any(_is_dicom_file(f) for f in files)
+
+
 def is_image(path: str) -> bool:
+    """An image file with one of :data:`IMAGE_SUFFIXES`, or a folder of a DICOM series (hidden ones left out)."""
     base = os.path.basename(path)
-    return not base.startswith(".") and base.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)
+    if base.startswith("."):
+        return False
+    return (base.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)) or is_dicom_series(path)
 
 
 def list_images(folder: str) -> list[str]:
-    """The image files directly in ``folder``, sorted by name (hidden files left out)."""
+    """The image files and DICOM series folders directly in ``folder``, sorted by name (hidden ones left out)."""
     if not os.path.isdir(folder):
         return []
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image(os.path.join(folder, f)))
@@ -80,6 +105,33 @@ def _itk_header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
     return shape, flip @ affine, int(io.GetNumberOfComponents())
 
 
+def _dicom_header(folder: str) -> tuple[tuple[int, ...], np.ndarray, int]:
+    """Shape, RAS affine and components per voxel of the one DICOM series in ``folder``, from its files' headers."""
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.SetDirectory(folder)
+    series = list(names.GetSeriesUIDs())
+    if not series:
+        raise DatasetError(f"{folder} holds DICOM files but no readable image series.")
+    if len(series) > 1:
+        raise DatasetError(
+            f"{folder} holds {len(series)} DICOM series ({', '.join(series[:3])}{', ...' if len(series) > 3 else ''}); "
+            "put each series in a folder of its own (one case per folder)."
+        )
+    files = list(names.GetFileNames(series[0]))
+    reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New(FileNames=files, ImageIO=itk.GDCMImageIO.New())
+    reader.UpdateOutputInformation()
+    image = reader.GetOutput()
+    shape = tuple(int(n) for n in image.GetLargestPossibleRegion().GetSize())
+    direction = np.array(itk.array_from_matrix(image.GetDirection()), dtype=float)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.array(image.GetSpacing(), dtype=float)
+    affine[:3, 3] = np.array(image.GetOrigin(), dtype=float)
+    return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, 1
+
+
 def _check_nifti_size(path: str, img) -> None:
     """An uncompressed NIfTI must hold the voxel data its header announces (a gzipped one shows it only when read)."""
     if not path.lower().endswith(".nii"):
@@ -95,22 +147,29 @@ def _check_nifti_size(path: str, img) -> None:
 
 
 def read_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """The array shape and voxel-to-world (RAS) affine of an image file, from its header.
+    """The array shape and voxel-to-world (RAS) affine of an image file or DICOM series folder, from its headers.
 
     Raises:
         DatasetNotFoundError: the file does not exist.
+        DatasetError: a folder that is not one DICOM series.
         DatasetError: the file cannot be read (the reader's message is kept).
     """
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        if not is_dicom_series(path):
+            raise DatasetError(f"{path} is a folder but not a DICOM series (no DICOM file among its first files).")
+    elif not os.path.isfile(path):
         raise DatasetNotFoundError(f"no such image file: {path}")
     try:
-        if path.lower().endswith((".nii", ".nii.gz")):
+        if os.path.isdir(path):
+            shape, affine, components = _dicom_header(path)
+        elif path.lower().endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
             img = nib.load(path)
             _check_nifti_size(path, img)
             return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=float)
-        shape, affine, components = _itk_header(path)
+        else:
+            shape, affine, components = _itk_header(path)
     except DatasetError:
         raise
     except Exception as error:  # the readers raise many types; name the file whatever it is

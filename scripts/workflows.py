@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from scripts.flags import as_flag
 
-__all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section", "write_page",
+__all__ = ["read_metric_details", "metric_means", "log_metrics", "metrics_markdown", "replace_doc_section", "write_page",
            "PreviewSaver"]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ def _metric_rows(output_dir: str, names: Sequence[str]) -> list[tuple[str, list[
         finite = [v for v in details[name].values() if not math.isnan(v)]
         means.append(sum(finite) / len(finite) if finite else float("nan"))
     return rows + [("mean", means)]
+
+
+def metric_means(output_dir: str, names: Sequence[str]) -> dict[str, float]:
+    """``{name: nan-mean over the cases}``: the mean row of :func:`log_metrics`'s table."""
+    return dict(zip(names, _metric_rows(output_dir, names)[-1][1]))
 
 
 def log_metrics(output_dir: str, names: Sequence[str]) -> str:
