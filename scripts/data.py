@@ -52,9 +52,11 @@ from scripts.files import (
     check_image,
     check_pair,
     is_image,
+    list_image_names,
     list_images,
     read_header,
 )
+from scripts.flags import as_path
 from scripts.layouts import (
     SPLITS,
     entries_from_folders,
@@ -143,7 +145,7 @@ def load_datalist(
         DatasetNotFoundError: the folder is missing or holds no training case, or a file is missing.
         DatasetError: a bad datalist, an image without a label, or a bad file.
     """
-    dataset_dir = os.path.abspath(os.fspath(dataset_dir))
+    dataset_dir = os.path.abspath(as_path(dataset_dir, "--dataset_dir"))
     missing = not os.path.isdir(dataset_dir) or not os.listdir(dataset_dir)
     if missing and synthetic_dir is not None and _same_path(dataset_dir, synthetic_dir):
         _generate_synthetic(dataset_dir, synthetic_cases, synthetic_seed)
@@ -195,13 +197,16 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     The ``test`` list of ``dataset_dir/dataset.json`` if it has one, else every image file in
     ``dataset_dir/imagesTs``, else in ``dataset_dir/imagesTr``, else in ``dataset_dir/images``,
     else in ``dataset_dir``; in an nnU-Net v2 dataset, the cases of ``imagesTs``, else of
-    ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file.
+    ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file. A folder's
+    listing keeps every name with an image suffix, also what is not a readable file (a dangling
+    symbolic link, a link loop, a folder named ``x.nii.gz``): its case then fails by name.
 
     Raises:
+        ValueError: ``dataset_dir`` is not a path (e.g. ``True`` from ``--dataset_dir -x.nii.gz``).
         DatasetNotFoundError: the folder does not exist or holds no image.
         DatasetError: a bad file (when ``check``).
     """
-    dataset_dir = os.path.abspath(os.fspath(dataset_dir))
+    dataset_dir = os.path.abspath(as_path(dataset_dir, "--dataset_dir"))
     if is_image(dataset_dir):
         images = [dataset_dir]
     elif not os.path.isdir(dataset_dir):
@@ -219,7 +224,7 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
             images = [e["image"] for e in entries_from_json(dataset_dir, json_path)["test"]]
         for sub in ("imagesTs", "imagesTr", "images", ""):
             if not images:
-                images = list_images(os.path.join(dataset_dir, sub))
+                images = list_image_names(os.path.join(dataset_dir, sub))
     if not images:
         raise DatasetNotFoundError(
             f"no image to segment in {dataset_dir}: no 'test' list in a dataset.json and no "
