@@ -226,6 +226,13 @@ def _killed_workers(error: BaseException) -> list[int]:
     return [int(p) for p in re.findall(r"\d+", match.group(1))] if match else []
 
 
+def _forget_failed_run(engine: Any) -> None:
+    """Let ``engine.run()`` start afresh after an error: ignite 0.5.5 keeps the generator of the run
+    that raised (and its data iterator), and a next ``run()`` would resume it and end at once."""
+    engine._internal_run_generator = None
+    engine._dataloader_iter = None
+
+
 class CaseGuard:
     """The ``iteration_update`` of an inference evaluator: every case's outcome, none fatal.
 
@@ -303,10 +310,12 @@ class CaseGuard:
                     killed = dataset.progress.cases_of(_killed_workers(error))
                     if not killed:
                         raise
+                    why = describe_error(error)
+                    _forget_failed_run(evaluator)
                 for image in killed:
                     self._record(image, FAILED, (
-                        f"the DataLoader worker preparing it was killed by the OS ({describe_error(error)}); out of "
-                        "memory? Lower --max_voxels (or raise the machine's memory) and run the folder again."))
+                        f"the DataLoader worker preparing it died ({why}): killed by the OS for lack of memory? "
+                        "Lower --max_voxels (or raise the machine's memory) and run the folder again."))
                 dataset.done = {c["image"] for c in self.cases}
         finally:
             dataset.progress.close()
