@@ -49,6 +49,7 @@ __all__ = [
     "write_provenance",
     "read_provenance",
     "reuse_problem",
+    "module_settings",
     "partial_name",
     "fsync",
     "write_json",
@@ -212,6 +213,23 @@ def sha256_of(path: str, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def module_settings(network: Any) -> dict[str, dict]:
+    """The plain hyper-parameters a network keeps as attributes, per submodule (for :class:`Fingerprint`).
+
+    Settings that change a mask but not the weights' shapes (p, the reduction, margins, pooling)
+    live in such attributes; the weights themselves are hashed from the file. Works for any
+    ``torch.nn.Module`` (the 2.5D U-Net and the baselines).
+    """
+    plain = (bool, int, float, str, tuple, list)
+    settings = {}
+    for name, module in network.named_modules():
+        attributes = {k: v for k, v in sorted(vars(module).items())
+                      if not k.startswith("_") and k != "training" and isinstance(v, plain)}
+        if attributes:
+            settings[name or "network"] = attributes
+    return settings
 
 
 class Fingerprint:
