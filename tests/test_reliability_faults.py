@@ -117,9 +117,11 @@ def test_same_stem_in_one_folder_gives_one_mask_each(tmp_path, ckpt_dir):
     names = ["x.nii", "x.nii.gz", "x.mha", "x.nrrd"]
     for seed, name in enumerate(names):
         write_any(str(data / name), good_volume(seed=seed))
-    summary = infer(data, out, ckpt_dir)
+    summary = infer(data, out, ckpt_dir, save_previews=True)
     assert summary["counts"] == {"written": 4, "skipped": 0, "failed": 0}
     assert_written_files_exist_once(summary)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["x_mha.png", "x_nii.png", "x_nii_gz.png",
+                                                                         "x_nrrd.png"]  # one preview per mask
     for name, case in by_name(summary).items():
         check = assert_on_input_grid if name.endswith((".nii", ".nii.gz")) else assert_on_input_grid_any
         check(os.path.join(data, name), case["output"])
