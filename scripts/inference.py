@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,6 +98,7 @@ class WorkerProgress:
     def __init__(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="unet25d-progress-")
         self.owner = os.getpid()
+        weakref.finalize(self, _remove_folder, self.folder, self.owner)  # also when no CaseGuard.run closes it
 
     def start(self, image: str) -> None:
         if get_worker_info() is not None:
@@ -122,8 +124,13 @@ class WorkerProgress:
         return cases
 
     def close(self) -> None:
-        if os.getpid() == self.owner:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        _remove_folder(self.folder, self.owner)
+
+
+def _remove_folder(folder: str, owner: int) -> None:
+    """Remove ``folder`` in the process that made it only (a forked worker shares the object, not the folder)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class CaseDataset(Dataset):
