@@ -153,7 +153,8 @@ class CaseDataset(Dataset):
 
     An item is the preprocessed case (with ``FINGERPRINT_KEY``, a JSON string), or a marker
     ``{"image": path, STATUS_KEY: "failed" or "skipped", REASON_KEY: why}`` (strings only, so
-    that the default collation keeps it). Images in :attr:`done` give an empty marker
+    that the default collation keeps it); an image listed again is skipped (one mask, counted
+    once). Images in :attr:`done` give an empty marker
     (``STATUS_KEY`` ``""``), which :class:`CaseGuard` ignores (a folder run again after a
     worker died).
     """
@@ -177,6 +178,8 @@ class CaseDataset(Dataset):
         self.fingerprint = fingerprint
         self.done: set[str] = set()
         self.progress = WorkerProgress()
+        first: dict[str, int] = {}
+        self.repeats = {i: first.setdefault(str(e["image"]), i) for i, e in enumerate(data)}  # index -> first listing
 
     def output_of(self, image: str) -> str:
         """The output file of ``image``."""
@@ -186,6 +189,8 @@ class CaseDataset(Dataset):
         image = str(self.data[index]["image"])
         if image in self.done:
             return _marker(image, "", "")
+        if self.repeats[index] != index:
+            return _marker(image, SKIPPED, f"it is listed more than once; segmented once (entry {self.repeats[index]}).")
         if image in self.plan.results:
             return _marker(image, SKIPPED, self.plan.results[image])
         if image in self.plan.refused:

@@ -141,6 +141,17 @@ def test_same_name_in_two_subfolders_with_two_workers(tmp_path, ckpt_dir):
     assert infer(data, out, ckpt_dir, num_workers=2)["counts"] == {"written": 0, "skipped": 2, "failed": 0}
 
 
+def test_image_listed_twice_is_written_once(tmp_path, ckpt_dir):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_image(str(data / "imagesTs" / "scan.nii.gz"), good_volume())
+    with open(data / "dataset.json", "w") as f:
+        json.dump({"training": [], "test": ["imagesTs/scan.nii.gz", "./imagesTs/scan.nii.gz"]}, f)
+    summary = infer(data, out, ckpt_dir)
+    assert summary["counts"] == {"written": 1, "skipped": 1, "failed": 0}
+    assert "listed more than once" in summary["cases"][1]["reason"]
+    assert_written_files_exist_once(summary)
+
+
 def test_input_named_like_an_output_is_segmented_and_never_overwritten(tmp_path, ckpt_dir):
     data = tmp_path / "data"
     write_image(str(data / "x.nii.gz"), good_volume(seed=0))
