@@ -125,6 +125,7 @@ def test_same_stem_in_one_folder_gives_one_mask_each(tmp_path, ckpt_dir):
     for name, case in by_name(summary).items():
         check = assert_on_input_grid if name.endswith((".nii", ".nii.gz")) else assert_on_input_grid_any
         check(os.path.join(data, name), case["output"])
+    assert infer(data, out, ckpt_dir)["counts"] == {"written": 0, "skipped": 4, "failed": 0}  # reused, all formats
 
 
 def test_same_name_in_two_subfolders_with_two_workers(tmp_path, ckpt_dir):
