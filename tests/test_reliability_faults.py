@@ -33,7 +33,6 @@ from test_reliability import (
     ckpt_dir,  # noqa: F401 (a fixture)
     good_volume,
     infer,
-    oblique_affine,
     read_summary,
     truncate,
     write_image,
