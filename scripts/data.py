@@ -53,9 +53,11 @@ from scripts.files import (
     check_image,
     check_pair,
     is_image,
+    list_image_names,
     list_images,
     read_header,
 )
+from scripts.flags import as_path
 from scripts.layouts import (
     SPLITS,
     entries_from_folders,
@@ -165,7 +167,7 @@ def load_datalist(
         DatasetError: a bad datalist, an image without a label, or a bad file; a file given as the folder, or a
             folder that cannot be listed.
     """
-    dataset_dir = os.path.abspath(os.fspath(dataset_dir))
+    dataset_dir = os.path.abspath(as_path(dataset_dir, "--dataset_dir"))
     missing = not os.path.exists(dataset_dir) or (os.path.isdir(dataset_dir) and _is_empty(dataset_dir))
     if missing and synthetic_dir is not None and _same_path(dataset_dir, synthetic_dir):
         _generate_synthetic(dataset_dir, synthetic_cases, synthetic_seed)
@@ -218,13 +220,16 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     ``dataset_dir/imagesTs``, else in ``dataset_dir/imagesTr``, else in ``dataset_dir/images``,
     else in ``dataset_dir``; in an nnU-Net v2 dataset, the cases of ``imagesTs``, else of
     ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file or the folder
-    of one DICOM series; a DICOM series in a subfolder of any of these folders is one image.
+    of one DICOM series; a DICOM series in a subfolder of any of these folders is one image. A folder's
+    listing keeps every name with an image suffix, also what is not a readable file (a dangling
+    symbolic link, a link loop, a folder named ``x.nii.gz``): its case then fails by name.
 
     Raises:
+        ValueError: ``dataset_dir`` is not a path (e.g. ``True`` from ``--dataset_dir -x.nii.gz``).
         DatasetNotFoundError: the folder does not exist or holds no image.
         DatasetError: a bad file (when ``check``).
     """
-    dataset_dir = os.path.abspath(os.fspath(dataset_dir))
+    dataset_dir = os.path.abspath(as_path(dataset_dir, "--dataset_dir"))
     if is_image(dataset_dir):
         images = [dataset_dir]
     else:
@@ -241,7 +246,7 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
             images = [e["image"] for e in entries_from_json(dataset_dir, json_path)["test"]]
         for sub in ("imagesTs", "imagesTr", "images", ""):
             if not images:
-                images = list_images(os.path.join(dataset_dir, sub))
+                images = list_image_names(os.path.join(dataset_dir, sub))
     if not images:
         raise DatasetNotFoundError(
             f"no image to segment in {dataset_dir}: no 'test' list in a dataset.json and no "
