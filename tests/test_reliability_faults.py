@@ -339,7 +339,7 @@ def test_unlistable_inputs_named_in_the_summary(tmp_path, ckpt_dir):
     cases = by_name(read_summary(out))
     assert "is a symbolic link to a missing file" in cases["dangling.nii.gz"]["reason"]
     assert "is a symbolic link loop" in cases["loop.nii.gz"]["reason"]
-    assert "is a folder, not an image file" in cases["folder.nii.gz"]["reason"]
+    assert "is a folder but not a DICOM series" in cases["folder.nii.gz"]["reason"]
     assert cases["good.nii.gz"]["status"] == "written"
 
 
