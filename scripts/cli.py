@@ -267,7 +267,10 @@ def setup() -> None:
         parts = []
         for id_ in unknown:
             close = closest_ids(id_, valid)
-            parts.append(f"--{id_}" + (f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""))
+            hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
+            if "." in id_ or "/" in id_:  # a path: a value that starts with '-' is read as an option
+                hint += f" (a value that starts with '-' is read as an option: write --<id>=-{id_})"
+            parts.append(f"--{id_}{hint}")
         raise OverrideError(
             f"no config of this bundle ({shown_dir}/*.json) defines {'this id' if len(unknown) == 1 else 'these ids'}: "
             f"{'; '.join(parts)}. Nothing was run. --help lists the options."

@@ -105,7 +105,7 @@ def list_images(folder: str) -> list[str]:
 
 
 def list_image_names(folder: str) -> list[str]:
-    """Every entry of ``folder`` with an image suffix, sorted (hidden names left out).
+    """Every entry of ``folder`` with an image suffix, and every DICOM series folder, sorted (hidden names left out).
 
     Unlike :func:`list_images` it keeps what is not a readable file (a dangling symbolic link,
     a link loop, a folder named ``x.nii.gz``), so that inference names them instead of
@@ -113,8 +113,8 @@ def list_image_names(folder: str) -> list[str]:
     """
     if not os.path.isdir(folder):
         return []
-    names = [f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
-    return sorted(os.path.join(folder, f) for f in names)
+    paths = [os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith(".")]
+    return sorted(p for p in paths if p.lower().endswith(IMAGE_SUFFIXES) or is_dicom_series(p))
 
 
 def _not_a_file(path: str) -> DatasetError | DatasetNotFoundError:

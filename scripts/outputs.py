@@ -207,11 +207,19 @@ def write_json(path: str, content: dict) -> None:
 
 
 def sha256_of(path: str, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, read in chunks."""
+    """The SHA-256 of a file's bytes, read in chunks; of a folder (a DICOM series), of its files' names and bytes
+    in name order (hidden files left out)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if not f.startswith("."))
+        files = [f for f in files if os.path.isfile(f)]
+    for name in files:
+        if name != path:
+            digest.update(os.path.basename(name).encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

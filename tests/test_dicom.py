@@ -7,6 +7,7 @@ in space (ImagePositionPatient, ImageOrientationPatient, PixelSpacing), on an ob
 from __future__ import annotations
 
 import json
+import locale
 import os
 
 import nibabel as nib
@@ -24,9 +25,21 @@ SHAPE = (11, 9, 6)  # (H, W, D): columns, rows, slices
 
 
 def write_series(folder, seed=0, spacing=(0.8, 0.9, 1.5), angle=10.0, origin=(10.0, -20.0, 5.0), uid_tail="1"):
-    """A DICOM series of ``SHAPE`` (int16 MR magnitude) in ``folder``; returns the voxels as ``(H, W, D)``."""
+    """A DICOM series of ``SHAPE`` (int16 MR magnitude) in ``folder``; returns the voxels as ``(H, W, D)``.
+
+    GDCM's writer sets the process's locale to "C" (text I/O then defaults to ASCII in this process, and
+    in later tests); the locale is put back as it was.
+    """
     import itk
 
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_series(itk, folder, seed, spacing, angle, origin, uid_tail)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(itk, folder, seed, spacing, angle, origin, uid_tail):
     os.makedirs(folder, exist_ok=True)
     voxels = (np.random.default_rng(seed).random(SHAPE[::-1]) * 1000).astype(np.int16)  # (slices, rows, columns)
     theta = np.deg2rad(angle)
@@ -48,6 +61,12 @@ def write_series(folder, seed=0, spacing=(0.8, 0.9, 1.5), angle=10.0, origin=(10
         io.KeepOriginalUIDOn()
         itk.imwrite(plane, os.path.join(folder, f"IM{uid_tail}_{k:04d}"), imageio=io)
     return voxels.transpose(2, 1, 0)
+
+
+def test_writing_a_series_keeps_the_locale(tmp_path):
+    before = locale.setlocale(locale.LC_ALL, None)
+    write_series(str(tmp_path / "s"))
+    assert locale.setlocale(locale.LC_ALL, None) == before
 
 
 @pytest.mark.parametrize("spacing, angle", [((0.8, 0.9, 1.5), 10.0), ((0.5, 0.5, 2.0), 0.0), ((1.0, 0.7, 0.9), -35.0)])
@@ -131,3 +150,18 @@ def test_inference_writes_nifti_masks_on_the_series_geometry(tmp_path):
         assert mask.shape == tuple(image.shape) == SHAPE
         np.testing.assert_allclose(mask.affine, image.affine.numpy(), atol=1e-4)
         assert mask.get_data_dtype() == np.uint8
+
+
+def test_series_hash_follows_its_files(tmp_path):
+    """The provenance record's input hash of a series folder changes with any of its files."""
+    from scripts.outputs import sha256_of
+
+    folder = tmp_path / "series"
+    write_series(str(folder))
+    first = sha256_of(str(folder))
+    assert sha256_of(str(folder)) == first
+    name = sorted(os.listdir(folder))[-1]
+    content = bytearray((folder / name).read_bytes())
+    content[-1] ^= 1
+    (folder / name).write_bytes(bytes(content))
+    assert sha256_of(str(folder)) != first

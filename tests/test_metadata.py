@@ -80,7 +80,7 @@ def test_channels_follow_the_network():
 
 def _doc_means(path):
     """The mean row of the first table of a default-model section: Dice, clDice, HD95."""
-    text = open(path).read().split("<!-- default-model:start -->", 1)[1]
+    text = open(path, encoding="utf-8").read().split("<!-- default-model:start -->", 1)[1]
     row = next(line for line in text.splitlines() if line.startswith("| **mean**"))
     return [float(cell.strip("* ")) for cell in row.strip("|").split("|")[1:]]
 
