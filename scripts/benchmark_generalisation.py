@@ -32,7 +32,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.transforms import Compose, LoadImage, SaveImaged
+from monai.transforms import Compose, LoadImage
 
 from scripts.benchmark_accuracy import TINY_LEVELS, _load_normalised, case_metrics, model_parser
 from scripts.benchmark_report import fmt, markdown_table
@@ -150,8 +150,11 @@ def _load_weights(net: torch.nn.Module, ckpt: str) -> torch.nn.Module:
     return net.eval()
 
 
-def _without_writer(postprocessing: Compose) -> Compose:
-    return Compose([t for t in postprocessing.transforms if not isinstance(t, SaveImaged)])
+def _without_writer(parser: ConfigParser) -> Compose:
+    """The config's postprocessing without ``SaveImaged`` (left out before parsing: its output plan lists a folder)."""
+    transforms = parser["postprocessing"]["transforms"]
+    parser["postprocessing"]["transforms"] = [t for t in transforms if t.get("_target_") != "SaveImaged"]
+    return parser.get_parsed_content("postprocessing")
 
 
 def evaluate_bundle(entries: Sequence[dict], ckpt: str, roi_size: Sequence[int] | None = None, tiny: bool = False
@@ -168,7 +171,7 @@ def evaluate_bundle(entries: Sequence[dict], ckpt: str, roi_size: Sequence[int] 
     parser["device"] = "$torch.device('cpu')"
     net = _load_weights(parser.get_parsed_content("network_def"), ckpt)
     parts = (parser.get_parsed_content("preprocessing"), net, parser.get_parsed_content("inferer"),
-             _without_writer(parser.get_parsed_content("postprocessing")))
+             _without_writer(parser))
     settings = {"sw_roi_size": list(parser.get_parsed_content("sw_roi_size")),
                 "num_directions": int(parser.get_parsed_content("num_directions"))}
     return _run_learned(parts, entries, ("image",)), settings

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "save_atomic",
     "remove_stale_temporaries",
     "load_checkpoint",
@@ -30,6 +32,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the network; the message names the file."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint file that does not exist; the message names it."""
 
 # what describe_network reports, each from the first (sub)module that has it
 ARCHITECTURE_FIELDS = ("in_channels", "out_channels", "num_directions", "channels", "strides")
@@ -85,22 +95,22 @@ def load_checkpoint(path: str, map_location: Any = None) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file and the problem.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is truncated or not a PyTorch file, or holds Python objects that
+        CheckpointNotFoundError (a FileNotFoundError): ``path`` does not exist.
+        CheckpointError (a ValueError): the file is truncated or not a PyTorch file, or holds Python objects that
             ``weights_only=True`` refuses to unpickle.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist.")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0]
-        raise ValueError(
+        raise CheckpointError(
             f"{path} cannot be loaded with torch.load(weights_only=True): it holds Python objects besides "
             f"tensors and plain containers ({reason}). Load only files you trust, and save a state_dict."
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch file (truncated or corrupt?): {e}") from e
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): {e}") from e
 
 
 def describe_network(network: torch.nn.Module) -> str:
@@ -144,12 +154,12 @@ def check_state_dict(state_dict: Any, network: torch.nn.Module, path: str) -> No
     """Check that ``state_dict`` (read from ``path``) has exactly the keys and shapes of ``network``.
 
     Raises:
-        ValueError: it does not; the message names ``path``, the network (:func:`describe_network`),
+        CheckpointError (a ValueError): it does not; the message names ``path``, the network (:func:`describe_network`),
             what the file holds, the missing, unexpected and differently shaped tensors, and the
             number of output channels (K) of both when the network's last layer shows it.
     """
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict of network weights.")
+        raise CheckpointError(f"{path} holds a {type(state_dict).__name__}, not a state dict of network weights.")
     expected = unwrap(network).state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -179,4 +189,4 @@ def check_state_dict(state_dict: Any, network: torch.nn.Module, path: str) -> No
             f" (the size of the last layer, {last})"
         )
     lines.append("  Run with the network_def overrides (or baseline config) that the checkpoint was trained with.")
-    raise ValueError("\n".join(lines))
+    raise CheckpointError("\n".join(lines))

@@ -31,6 +31,8 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 
 from scripts.checkpoint_io import (
+    CheckpointError,
+    CheckpointNotFoundError,
     unwrap,
     check_state_dict,
     describe_network,
@@ -85,25 +87,63 @@ class BestModelSaver:
     ``EPOCH_COMPLETED`` before any handler runs; with :class:`BestMetric` in the training
     checkpoint, a resumed run overwrites ``model.pt`` only with a better model.
 
+    A new run (not ``resume``) never silently replaces a ``model.pt`` it finds in its folder
+    (an earlier run's, or the shipped weights): before its first save the old file is kept
+    beside it as ``model.previous-<date>.pt`` (a hard link, or a copy), and the log says so at
+    the start and when it happens.
+
     Args:
         path: e.g. ``models/model.pt``.
         network: the network whose weights are saved (a DataParallel wrapper is unwrapped).
+        resume: the run continues the one that wrote ``path`` (``--resume true``): replace it.
     """
 
-    def __init__(self, path: str, network: torch.nn.Module) -> None:
+    def __init__(self, path: str, network: torch.nn.Module, resume: bool | str = False) -> None:
         self.path = path
         self.network = network
+        self.resume = as_flag(resume, "resume (--resume)")
+        self.saved = False
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
         remove_stale_temporaries(self.path)
+        if not self.resume and os.path.isfile(self.path) and rank() == 0:
+            logger.warning(f"{self.path} exists and this is a new run (no --resume): it is kept as "
+                           f"{self._previous_name()} before this run saves its first model there.")
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _previous_name(self) -> str:
+        """A free ``model.previous-<date of the file>[-n].pt`` beside ``path``."""
+        import time
+
+        stem, ext = os.path.splitext(self.path)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(self.path)))
+        name, n = f"{stem}.previous-{stamp}{ext}", 1
+        while os.path.lexists(name):
+            name, n = f"{stem}.previous-{stamp}-{n}{ext}", n + 1
+        return name
+
+    def _keep_previous(self) -> None:
+        """Keep a ``model.pt`` this run did not write under another name (the first save of a new run)."""
+        if self.resume or not os.path.isfile(self.path):
+            return
+        import shutil
+
+        kept = self._previous_name()
+        try:
+            os.link(self.path, kept)
+        except OSError:
+            shutil.copy2(self.path, kept)
+        logger.warning(f"{self.path} was not written by this run: kept it as {kept}.")
 
     def __call__(self, engine) -> None:
         if engine.state.best_metric_epoch != engine.state.epoch or rank() > 0:
             return
+        if not self.saved:
+            self._keep_previous()
         save_atomic(unwrap(self.network).state_dict(), self.path)
+        self.saved = True
         engine.logger.info(
             f"saved the best model so far to {self.path} ({engine.state.key_metric_name} "
             f"{engine.state.best_metric:.4f} at epoch {engine.state.epoch})"
@@ -196,7 +236,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 if self.engine_key is not None
                 else "train first, or set --ckpt_dir to the folder that holds the weights"
             )
-            raise FileNotFoundError(f"{e} ({hint})") from e
+            raise CheckpointNotFoundError(f"{e} ({hint})") from e
         self._check(checkpoint)
         super().__call__(engine)
         if self.engine_key is not None:
@@ -212,7 +252,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
             checkpoint = {first: checkpoint}  # a plain state dict, as CheckpointLoader reads it
         absent = [key for key in self.load_dict if key not in checkpoint]
         if absent:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.load_path} holds {', '.join(map(str, checkpoint)) or 'nothing'} but not {', '.join(absent)}:"
                 " resuming needs a training checkpoint (checkpoint.ckpt), evaluation and inference the weights"
                 " (model.pt)."

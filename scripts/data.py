@@ -32,7 +32,8 @@ name (at least one, while one training case is left), are held out for validatio
 else every image in ``DIR/imagesTs``, else in ``DIR/imagesTr``, else in ``DIR`` itself.
 
 Images are NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
-``.mhd``). Every file is checked from its header alone (cheap, before training starts):
+``.mhd``) files, or DICOM series folders (one series per folder, :mod:`scripts.files`; a
+datalist's ``"image"`` may name such a folder). Every file is checked from its header alone (cheap, before training starts):
 readable, a single-channel 3D volume, and a label has its image's shape and affine. Bad input
 raises :class:`DatasetError` (a ``ValueError``) or :class:`DatasetNotFoundError` (a
 ``FileNotFoundError``), always naming the file or folder.
@@ -52,9 +53,11 @@ from scripts.files import (
     check_image,
     check_pair,
     is_image,
+    list_image_names,
     list_images,
     read_header,
 )
+from scripts.flags import as_path
 from scripts.layouts import (
     SPLITS,
     entries_from_folders,
@@ -106,6 +109,26 @@ def _generate_synthetic(dataset_dir: str, num_cases: int, seed: int) -> None:
     write_dataset(dataset_dir, num_cases=num_cases, seed=seed)
 
 
+def _is_empty(folder: str) -> bool:
+    """An empty folder (one that cannot be listed is not: :func:`_check_folder` names it)."""
+    try:
+        return not os.listdir(folder)
+    except OSError:
+        return False
+
+
+def _check_folder(dataset_dir: str) -> None:
+    """A missing folder, a file given as a folder, or a folder that cannot be listed: an error naming it."""
+    if not os.path.exists(dataset_dir):
+        raise DatasetNotFoundError(f"the dataset folder {dataset_dir} does not exist.")
+    if not os.path.isdir(dataset_dir):
+        raise DatasetError(f"the dataset folder {dataset_dir} is a file, not a folder (nor an image to segment).")
+    try:
+        os.listdir(dataset_dir)
+    except OSError as error:
+        raise DatasetError(f"cannot list the dataset folder {dataset_dir}: {error.strerror}.") from error
+
+
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
 
@@ -141,14 +164,15 @@ def load_datalist(
 
     Raises:
         DatasetNotFoundError: the folder is missing or holds no training case, or a file is missing.
-        DatasetError: a bad datalist, an image without a label, or a bad file.
+        DatasetError: a bad datalist, an image without a label, or a bad file; a file given as the folder, or a
+            folder that cannot be listed.
     """
-    dataset_dir = os.path.abspath(os.fspath(dataset_dir))
-    missing = not os.path.isdir(dataset_dir) or not os.listdir(dataset_dir)
+    dataset_dir = os.path.abspath(as_path(dataset_dir, "--dataset_dir"))
+    missing = not os.path.exists(dataset_dir) or (os.path.isdir(dataset_dir) and _is_empty(dataset_dir))
     if missing and synthetic_dir is not None and _same_path(dataset_dir, synthetic_dir):
         _generate_synthetic(dataset_dir, synthetic_cases, synthetic_seed)
-    elif not os.path.isdir(dataset_dir):
-        raise DatasetNotFoundError(f"the dataset folder {dataset_dir} does not exist.")
+    else:
+        _check_folder(dataset_dir)
     json_path = os.path.join(dataset_dir, "dataset.json")
     if os.path.isfile(json_path):
         lists = entries_from_json(dataset_dir, json_path)
@@ -195,18 +219,21 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
     The ``test`` list of ``dataset_dir/dataset.json`` if it has one, else every image file in
     ``dataset_dir/imagesTs``, else in ``dataset_dir/imagesTr``, else in ``dataset_dir/images``,
     else in ``dataset_dir``; in an nnU-Net v2 dataset, the cases of ``imagesTs``, else of
-    ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file.
+    ``imagesTr`` (one file per case). ``dataset_dir`` may also be a single image file or the folder
+    of one DICOM series; a DICOM series in a subfolder of any of these folders is one image. A folder's
+    listing keeps every name with an image suffix, also what is not a readable file (a dangling
+    symbolic link, a link loop, a folder named ``x.nii.gz``): its case then fails by name.
 
     Raises:
+        ValueError: ``dataset_dir`` is not a path (e.g. ``True`` from ``--dataset_dir -x.nii.gz``).
         DatasetNotFoundError: the folder does not exist or holds no image.
         DatasetError: a bad file (when ``check``).
     """
-    dataset_dir = os.path.abspath(os.fspath(dataset_dir))
+    dataset_dir = os.path.abspath(as_path(dataset_dir, "--dataset_dir"))
     if is_image(dataset_dir):
         images = [dataset_dir]
-    elif not os.path.isdir(dataset_dir):
-        raise DatasetNotFoundError(f"the dataset folder {dataset_dir} does not exist.")
     else:
+        _check_folder(dataset_dir)
         json_path = os.path.join(dataset_dir, "dataset.json")
         images = []
         content = read_json(json_path) if os.path.isfile(json_path) else {}
@@ -219,11 +246,12 @@ def inference_datalist(dataset_dir: str, check: bool = True) -> list[dict]:
             images = [e["image"] for e in entries_from_json(dataset_dir, json_path)["test"]]
         for sub in ("imagesTs", "imagesTr", "images", ""):
             if not images:
-                images = list_images(os.path.join(dataset_dir, sub))
+                images = list_image_names(os.path.join(dataset_dir, sub))
     if not images:
         raise DatasetNotFoundError(
             f"no image to segment in {dataset_dir}: no 'test' list in a dataset.json and no "
-            f"{'/'.join(IMAGE_SUFFIXES)} file in imagesTs/, imagesTr/, images/ or the folder itself."
+            f"{'/'.join(IMAGE_SUFFIXES)} file or DICOM series folder in imagesTs/, imagesTr/, images/ or the folder "
+            "itself."
         )
     if check:
         for image in images:

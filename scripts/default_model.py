@@ -16,8 +16,12 @@ metrics that ``README.md`` and ``docs/README.md`` quote:
 2. evaluation (``train.json`` + ``evaluate.json``, ``run evaluating``) of the best checkpoint on
    the validation and the held-out test split of that data, in one pass over each whole volume (the
    inference config's default) and, for comparison, in in-plane windows of :data:`WINDOWS`,
-3. with ``--update_docs True``: the test table into the ``default-model`` sections of
-   ``README.md`` and ``docs/README.md``.
+3. after training, ``models/training_manifest.json`` (:mod:`scripts.manifest`): the generator, the seeds and
+   the voxel hash of every case the weights learnt from, so a test can show that the default evaluation
+   shares no case with them,
+4. with ``--update_docs True``: the test table into the ``default-model`` sections of
+   ``README.md`` and ``docs/README.md``, and its means into ``eval_metrics`` of ``configs/metadata.json``
+   (:data:`EVAL_METRICS`).
 
 How the model does on volumes this generator never made: ``python -m scripts.benchmark_generalisation``
 (``docs/generalisation.md``).
@@ -30,15 +34,16 @@ Command line, from the bundle root::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 
 import fire
 
-from scripts.workflows import metrics_markdown, replace_doc_section
+from scripts.workflows import metric_means, metrics_markdown, replace_doc_section
 
-__all__ = ["SETTINGS", "WINDOWS", "trained_epochs", "run"]
+__all__ = ["SETTINGS", "WINDOWS", "EVAL_METRICS", "trained_epochs", "write_eval_metrics", "run"]
 
 logger = logging.getLogger("scripts.default_model")
 
@@ -50,6 +55,8 @@ SETTINGS = {
     "epochs": 80,
     "val_interval": 8,
 }
+# metadata.json's eval_metrics (the model zoo's names) from the evaluation's metrics, on the held-out test split
+EVAL_METRICS = {"mean_dice": "val_mean_dice", "mean_cldice": "val_cldice", "mean_hd95_mm": "val_hd95"}
 # the in-plane windows the whole-volume pass is compared with (whole depth, the option docs/model.md describes)
 WINDOWS = [96, 96, -1]
 
@@ -75,6 +82,26 @@ def trained_epochs(ckpt_dir: str) -> tuple[int, int] | None:
     if "iteration" in state and state.get("epoch_length"):
         return int(state["iteration"]) // int(state["epoch_length"]), int(state["max_epochs"])
     return None
+
+
+def write_eval_metrics(metrics_dir: str, metadata_file: str) -> dict[str, float]:
+    """Set ``eval_metrics`` of ``metadata_file`` to the means of an evaluation's CSVs in ``metrics_dir`` (4 decimals).
+
+    Every other field of the metadata is kept as it is (order included).
+    """
+    means = metric_means(metrics_dir, list(EVAL_METRICS.values()))
+    values = {key: round(float(means[name]), 4) for key, name in EVAL_METRICS.items()}
+    with open(metadata_file) as f:
+        metadata = json.load(f)
+    if "eval_metrics" in metadata:
+        metadata["eval_metrics"] = values
+    else:  # beside pred_classes, where the model zoo's bundles keep it
+        items = list(metadata.items())
+        at = next((i + 1 for i, (k, _) in enumerate(items) if k == "pred_classes"), len(items))
+        metadata = dict(items[:at] + [("eval_metrics", values)] + items[at:])
+    with open(metadata_file, "w") as f:
+        f.write(json.dumps(metadata, indent=4, ensure_ascii=False) + "\n")
+    return values
 
 
 def _doc_text(tables: dict[str, str], data_dir: str, trained: tuple[int, int] | None = None) -> str:
@@ -133,6 +160,9 @@ def run(
     if train:
         logger.info("training the default model (%s)", ", ".join(f"{k} {v}" for k, v in recipe.items()))
         bundle_run("training", config_file=_config("train.json"), output_dir=output_dir, **{**common, **recipe})
+        from scripts.manifest import write_manifest
+
+        write_manifest(ckpt_dir, data_dir, settings=recipe)
     if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         raise FileNotFoundError(f"no {os.path.join(ckpt_dir, 'model.pt')} to evaluate: train first (--train True).")
 
@@ -150,6 +180,8 @@ def run(
         for doc in ("README.md", os.path.join("docs", "README.md")):
             replace_doc_section(os.path.join(BUNDLE_ROOT, doc), "default-model", text)
             logger.info("default-model section written to %s", doc)
+        values = write_eval_metrics(os.path.join(output_dir, "metrics_test"), _config("metadata.json"))
+        logger.info("eval_metrics of configs/metadata.json: %s", values)
     logger.info("done in %.0f s; test metrics (whole volumes):\n%s\nin windows:\n%s", time.time() - start,
                 tables["test"], tables["test_windows"])
     return tables

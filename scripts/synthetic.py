@@ -44,7 +44,7 @@ from scripts.anatomy import draw_head, render_head, venous_tree
 from scripts.arteries import MAX_ROOTS, grow_arteries, inflow_signal
 from scripts.phantom import VesselTree, random_rotation, render_segments
 
-__all__ = ["SyntheticCase", "synthesize_case", "generate_case", "write_dataset", "main"]
+__all__ = ["SyntheticCase", "synthesize_case", "generate_case", "dataset_split", "write_dataset", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +279,14 @@ def _split(num_cases: int, seed: int, val_fraction: float, test_fraction: float)
     val, test = sorted(order[:num_val]), sorted(order[num_val : num_val + num_test])
     train = sorted(order[num_val + num_test :])
     return {"training": [int(i) for i in train], "validation": [int(i) for i in val], "test": [int(i) for i in test]}
+
+
+def dataset_split(num_cases: int, seed: int, val_fraction: float = 0.2, test_fraction: float = 0.1) -> dict[str, list[int]]:
+    """The case indices of each split of ``write_dataset(num_cases=..., seed=...)``, without writing anything.
+
+    Case ``i`` of the dataset is ``synthesize_case(seed=(seed, i))``, so a split's cases can be made in memory.
+    """
+    return _split(num_cases, seed, val_fraction, test_fraction)
 
 
 def _write_case(index: int, output_dir: str, seed: int, name: str, case_kwargs: dict) -> dict:

@@ -6,8 +6,9 @@ through one ``SummaryWriter`` shared by its handlers (made at the first write,
 
 - the trainer: ``train_loss`` and, split by :class:`PathLosses`, ``train_loss_aux``
   (``Dice(y_aux, y_true)``) and ``train_loss_main`` (``Dice(y, y_true)``, before the weight
-  lambda) per iteration (:func:`output_scalars`), ``learning_rate`` per iteration and the
-  training metrics per epoch (MONAI's ``TensorBoardStatsHandler``);
+  lambda) per iteration (:func:`output_scalars`), the learning rate of every parameter group per
+  iteration (:func:`learning_rates`: ``learning_rate`` for the 2D U-Net and F,
+  ``learning_rate_fine_tuning`` for T) and the training metrics per epoch (MONAI's ``TensorBoardStatsHandler``);
 - the validation evaluator: ``val_mean_dice`` per epoch and, with :class:`MIPImageHandler`,
   the axial maximum-intensity projections of the first validation case's image, label and
   prediction (``val_mip/image``, ``val_mip/label``, ``val_mip/pred``).
@@ -28,7 +29,7 @@ from monai.handlers import TensorBoardHandler
 from monai.transforms import Orientation
 from monai.utils import CommonKeys
 
-__all__ = ["LazySummaryWriter", "PathLosses", "output_scalars", "axial_mip", "MIPImageHandler"]
+__all__ = ["LazySummaryWriter", "PathLosses", "output_scalars", "learning_rates", "axial_mip", "MIPImageHandler"]
 
 
 class LazySummaryWriter:
@@ -113,6 +114,18 @@ def output_scalars(tags: Mapping[str, str]) -> Callable[[Any], dict[str, float]]
         return {tag: float(item[key]) for tag, key in tags.items() if key in item}
 
     return transform
+
+
+def learning_rates(optimizer: torch.optim.Optimizer,
+                   tags: Sequence[str] = ("learning_rate", "learning_rate_fine_tuning")) -> dict[str, float]:
+    """``{tag: learning rate}`` of every parameter group of ``optimizer``, for a stats handler.
+
+    Args:
+        optimizer: e.g. Adam over :func:`scripts.training.parameter_groups` (the network, then ``T``).
+        tags: the groups' tags in order; a group past them is ``learning_rate_group<i>``.
+    """
+    return {(tags[i] if i < len(tags) else f"learning_rate_group{i}"): float(group["lr"])
+            for i, group in enumerate(optimizer.param_groups)}
 
 
 def axial_mip(volume: torch.Tensor, axcodes: str | None = "RAS") -> torch.Tensor:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from scripts.flags import as_flag
 
-__all__ = ["read_metric_details", "log_metrics", "metrics_markdown", "replace_doc_section", "write_page",
+__all__ = ["read_metric_details", "metric_means", "log_metrics", "metrics_markdown", "replace_doc_section", "write_page",
            "PreviewSaver"]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ def _metric_rows(output_dir: str, names: Sequence[str]) -> list[tuple[str, list[
         finite = [v for v in details[name].values() if not math.isnan(v)]
         means.append(sum(finite) / len(finite) if finite else float("nan"))
     return rows + [("mean", means)]
+
+
+def metric_means(output_dir: str, names: Sequence[str]) -> dict[str, float]:
+    """``{name: nan-mean over the cases}``: the mean row of :func:`log_metrics`'s table."""
+    return dict(zip(names, _metric_rows(output_dir, names)[-1][1]))
 
 
 def log_metrics(output_dir: str, names: Sequence[str]) -> str:
@@ -125,8 +130,10 @@ class PreviewSaver:
 
     Attached to the inference evaluator (``configs/inference.json``, ``--save_previews true``):
     after each iteration it reads the segmentation that the postprocessing's ``SaveImaged`` has
-    just written, ``<seg_dir>/<case><postfix>.nii.gz``, and draws it over its input image with
-    :func:`scripts.preview.save_mip_preview` into ``<preview_dir>/<case>.png``.
+    just written (its ``saved_to`` metadata; else ``<seg_dir>/<case><postfix>.nii.gz``), and
+    draws it over its input image with :func:`scripts.preview.save_mip_preview` into
+    ``<preview_dir>/<name>.png``, ``<name>`` the segmentation's path under ``seg_dir`` without
+    ``<postfix>.nii.gz`` (``<case>`` for the usual names).
 
     Args:
         seg_dir: where the segmentations are written (the ``SaveImaged`` ``output_dir``).
@@ -154,12 +161,22 @@ class PreviewSaver:
 
         batch = engine.state.batch  # a list of per-case dicts once the evaluator has decollated it
         items = batch if isinstance(batch, list) else [batch]
-        sources = []
-        for item in items:
-            source = item["image"].meta["filename_or_obj"]
-            sources += source if isinstance(source, (list, tuple)) else [source]
-        for source in sources:
-            name = case_name(str(source))
-            seg = os.path.join(self.seg_dir, f"{name}{self.postfix}.nii.gz")
-            out = save_mip_preview(str(source), seg, os.path.join(self.preview_dir, f"{name}.png"), title=name)
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item, output in zip(items, outputs):
+            source = str(item["image"].meta["filename_or_obj"])
+            seg = self._saved_to(output) or os.path.join(self.seg_dir, f"{case_name(source)}{self.postfix}.nii.gz")
+            stem = os.path.relpath(seg, self.seg_dir)
+            ending = f"{self.postfix}.nii.gz"
+            stem = stem[: -len(ending)] if stem.endswith(ending) else case_name(stem)
+            png = os.path.join(self.preview_dir, f"{stem}.png")
+            os.makedirs(os.path.dirname(png), exist_ok=True)
+            name = case_name(source)
+            out = save_mip_preview(source, seg, png, title=name)
             logger.info("preview of %s: %s", name, out)
+
+    @staticmethod
+    def _saved_to(output) -> str | None:
+        """The file ``SaveImaged`` wrote the case's prediction to (its ``saved_to`` metadata), if known."""
+        pred = output.get("pred") if isinstance(output, dict) else None
+        saved = pred.meta.get("saved_to") if hasattr(pred, "meta") else None
+        return str(saved) if saved else None

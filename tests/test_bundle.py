@@ -130,6 +130,7 @@ def test_missing_user_dataset_dir_fails_clearly(bundle):
     ] + TINY, check=False)
     assert result.returncode != 0
     assert "DatasetNotFoundError" in result.stderr and "no_such_data" in result.stderr
+    assert "Traceback" not in result.stderr, "an expected user error is one paragraph (a traceback with --debug true)"
     assert not os.path.exists(missing)
 
 

@@ -219,3 +219,14 @@ def test_bad_datalist_json(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]}))
     with pytest.raises(DatasetNotFoundError, match=r"x\.nii\.gz"):
         load_datalist(str(tmp_path))
+
+
+@pytest.mark.parametrize("loader", ["training", "inference"])
+def test_a_file_given_as_the_dataset_folder_is_named(tmp_path, loader):
+    from scripts.data import inference_datalist, load_datalist
+
+    path = tmp_path / "notes.txt"
+    path.write_text("not a dataset")
+    with pytest.raises(DatasetError, match="is a file, not a folder") as error:
+        load_datalist(str(path)) if loader == "training" else inference_datalist(str(path))
+    assert str(path) in str(error.value)

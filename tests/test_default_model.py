@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import nibabel as nib
@@ -64,6 +65,9 @@ def test_recipe_trains_and_evaluates(tmp_path):
         assert table.startswith("| case | Dice | clDice | HD95 (mm) |") and "**mean**" in table
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     assert default_model.trained_epochs(str(tmp_path / "models")) == (1, 1)
+    manifest = json.load(open(tmp_path / "models" / "training_manifest.json"))
+    assert manifest["dataset"]["seed"] == default_model.SETTINGS["synthetic_seed"]
+    assert sum(len(cases) for cases in manifest["cases"].values()) == 6
     assert default_model.trained_epochs(str(tmp_path)) is None
     with pytest.raises(ValueError, match="leave --settings out"):
         default_model.run(update_docs=True, settings=tiny)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from parameterized import parameterized
 
+from bundle_utils import ROOT
 from scripts import fused
 from scripts.geometry import detector_size
 from scripts.net import UNet25D
@@ -104,6 +109,59 @@ def test_build_directory_names_the_versions(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = fused.build_directory()
     assert folder.startswith(str(tmp_path)) and torch.__version__.split("+")[0] in folder
+
+
+def test_build_directory_follows_the_sources(monkeypatch, tmp_path):
+    """The build folder is named by the sources' hash: the same sources anywhere share it, others do not."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = fused.build_directory()
+    copy = tmp_path / "elsewhere" / "operators.cpp"
+    copy.parent.mkdir()
+    shutil.copyfile(fused.SOURCE, copy)
+    monkeypatch.setattr(fused, "SOURCE", str(copy))
+    assert fused.build_directory() == here
+    copy.write_text(copy.read_text() + "\n// another version\n")
+    assert fused.build_directory() != here and fused.build_directory().startswith(str(tmp_path))
+
+
+def test_first_build_is_announced(monkeypatch, tmp_path, caplog):
+    """A build folder without the library logs that a compilation starts, with the folder, and compiles a copy of the source."""
+    import torch.utils.cpp_extension
+
+    seen = {}
+
+    def interrupted(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("interrupted")
+
+    monkeypatch.delenv(fused.ENV_VAR, raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", interrupted)
+    with caplog.at_level(logging.INFO, logger="scripts.fused"):
+        assert fused._build() is None
+    build = fused.build_directory()
+    assert f"compiling the fused M/R kernels in {build}" in caplog.text
+    assert seen["build_directory"] == build and seen["sources"] == [os.path.join(build, "operators.cpp")]
+    with open(seen["sources"][0]) as copy, open(fused.SOURCE) as original:
+        assert copy.read() == original.read()
+
+
+@needs_kernels
+def test_copied_bundle_does_not_rebuild(tmp_path):
+    """The bundle's code copied to another folder loads the kernels the repository built: nothing is recompiled."""
+    library = os.path.join(fused.build_directory(), "unet25d_mra_ops.so")
+    before = os.path.getmtime(library)
+    shutil.copytree(os.path.join(ROOT, "scripts"), tmp_path / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    script = ("import logging; logging.basicConfig(level=logging.INFO); import scripts.fused as f; "
+              "assert f.ops() is not None; print(f.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(tmp_path / "scripts" / "fused.py")
+    assert f"loading the fused M/R kernels from {fused.build_directory()}" in result.stderr
+    assert "compiling" not in result.stderr
+    assert os.path.getmtime(library) == before
 
 
 def test_not_for_other_dtypes():

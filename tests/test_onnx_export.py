@@ -1,7 +1,7 @@
 """ONNX export of the 2.5D U-Net with dynamic H, W, D, through the bundle's own command line.
 
-``python -m monai.bundle onnx_export`` on a tiny checkpoint, then onnxruntime in a fresh
-process (no project code, no torch model) on volumes of other sizes than the exported
+``python -m scripts.export onnx_export`` (MONAI's ``onnx_export``, then the metadata embedded)
+on a tiny checkpoint, then onnxruntime in a fresh process (no project code, no torch model) on volumes of other sizes than the exported
 example, compared with the eager network. The operators are also checked under
 ``torch.export`` alone: the exported graph follows the input's size and gives the eager values.
 """
@@ -22,7 +22,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")  # torch's ONNX exporter (dynamo=True) writes the graph with it
 pytest.importorskip("onnxruntime")
 
-from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET, TINY_NET_OVERRIDES, run  # noqa: E402
+from bundle_utils import ROOT, TINY_NET, TINY_NET_OVERRIDES, run  # noqa: E402
 
 from scripts import fused  # noqa: E402
 from scripts.operators import Backprojection, Projection  # noqa: E402
@@ -53,7 +53,8 @@ def exported(tmp_path_factory):
     net = tiny_net()
     ckpt, onnx_path = str(tmp / "model.pt"), str(tmp / "model.onnx")
     torch.save(net.state_dict(), ckpt)
-    run(BUNDLE_CMD + [
+    # MONAI's onnx_export, then the bundle's metadata into the file (scripts.export)
+    run([sys.executable, "-m", "scripts.export",
         "onnx_export", "network_def", "--filepath", onnx_path,
         "--ckpt_file", ckpt, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
         "--input_shape", json.dumps(EXPORT_SHAPE),
@@ -86,6 +87,8 @@ def test_onnxruntime_matches_eager_on_other_sizes(exported):
         for i in range({len(inputs)}):
             x = np.load({str(tmp)!r} + f"/x{{i}}.npy")
             np.save({str(tmp)!r} + f"/y{{i}}.npy", session.run(["pred"], {{"image": x}})[0])
+        import json
+        json.dump(session.get_modelmeta().custom_metadata_map, open({str(tmp)!r} + "/props.json", "w"))
         assert not any(m == "scripts" or m.startswith("scripts.") or m == "torch" for m in sys.modules)
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -98,6 +101,31 @@ def test_onnxruntime_matches_eager_on_other_sizes(exported):
         actual = torch.from_numpy(np.load(tmp / f"y{i}.npy"))
         assert actual.shape == x.shape
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=f"input shape {tuple(x.shape)}")
+    # the metadata, as onnxruntime reads it without the bundle
+    props = json.load(open(tmp / "props.json"))
+    assert json.loads(props["metadata.json"]) == json.load(open(os.path.join(ROOT, "configs", "metadata.json")))
+    assert json.loads(props["inference.json"]) == json.load(open(os.path.join(ROOT, "configs", "inference.json")))
+    assert props["version"] == json.load(open(os.path.join(ROOT, "configs", "metadata.json")))["version"]
+
+
+def test_embed_metadata_replaces_and_names_missing_files(exported, tmp_path):
+    """Embedding again keeps one entry per key (the newer metadata) and the graph; a missing file is named."""
+    import onnx
+
+    from scripts.export import embed_metadata, read_metadata
+
+    copy = str(tmp_path / "model.onnx")
+    onnx.save(onnx.load(exported["onnx"]), copy)
+    meta = json.load(open(os.path.join(ROOT, "configs", "metadata.json")))
+    changed = tmp_path / "metadata.json"
+    changed.write_text(json.dumps({**meta, "version": "9.9.9"}))
+    embed_metadata(copy, meta_file=str(changed))
+    model = onnx.load(copy)
+    assert [p.key for p in model.metadata_props].count("metadata.json") == 1
+    assert read_metadata(copy)["version"] == "9.9.9" and model.doc_string == meta["description"]
+    assert len(model.graph.node) == len(onnx.load(exported["onnx"]).graph.node)
+    with pytest.raises(FileNotFoundError, match="no_such.json"):
+        embed_metadata(copy, config_file=str(tmp_path / "no_such.json"))
 
 
 class ProjectBackproject(torch.nn.Module):

@@ -180,7 +180,8 @@ def test_good_cases_written_next_to_bad_ones(mixed_run):
         assert cases[name]["status"] == "written" and cases[name]["output"] == seg
         assert_on_input_grid(os.path.join(mixed_run["data"], name), seg)
     outputs = sorted(os.listdir(mixed_run["out"]))
-    assert outputs == sorted([seg_name(n) for n in GOOD_CASES] + ["inference_summary.json"])
+    records = [seg_name(n) + ".json" for n in GOOD_CASES]  # the provenance record of each mask
+    assert outputs == sorted([seg_name(n) for n in GOOD_CASES] + records + ["inference_summary.json"])
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CASES))
@@ -224,8 +225,9 @@ def test_rerun_into_the_input_folder_segments_no_result(tmp_path, ckpt_dir):
     summary = infer(data, data, ckpt_dir, overwrite=True)
     assert summary["counts"] == {"written": 2, "skipped": 2, "failed": 0}
     cases = by_name(summary)
-    assert all("is the output of" in cases[seg_name(n)]["reason"] for n in GOOD_CASES)
-    assert sorted(f for f in os.listdir(data) if "_seg" in f) == sorted(seg_name(n) for n in GOOD_CASES)
+    assert all("is a mask written by this bundle" in cases[seg_name(n)]["reason"] for n in GOOD_CASES)
+    assert sorted(f for f in os.listdir(data) if "_seg" in f and not f.endswith(".json")) == sorted(
+        seg_name(n) for n in GOOD_CASES)
 
 
 def test_error_while_saving_fails_only_that_case(tmp_path, ckpt_dir):

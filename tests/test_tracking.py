@@ -26,12 +26,13 @@ from parameterized import parameterized
 from bundle_utils import BUNDLE_CMD, TINY_NET, run, synthetic_data
 from scripts.losses import TwoPathDiceLoss
 from scripts.net import UNet25D
-from scripts.tracking import LazySummaryWriter, PathLosses, axial_mip, output_scalars
-from scripts.training import TwoPathPrepareBatch
+from scripts.tracking import LazySummaryWriter, PathLosses, axial_mip, learning_rates, output_scalars
+from scripts.training import TwoPathPrepareBatch, parameter_groups
 
 TINY = TINY_NET + ["--num_workers", "0", "--pixdim", "[1.0,1.0,1.0]", "--roi_size", "[16,16,16]",
                    "--num_subset", "2", "--cache_rate", "0", "--val_interval", "1"]
 LEARNING_RATE, MAIN_WEIGHT, EPOCHS = 0.002, 0.5, 2
+FINE_TUNING_FACTOR = 3.0
 
 
 @parameterized.expand([[1.0, 1], [0.5, 1], [2.0, 3]])
@@ -70,6 +71,23 @@ def test_path_losses_handler_in_a_trainer(weight, prepare_batch, two_paths):
     if two_paths:
         assert not output["loss_aux"].requires_grad
         assert torch.allclose(output["loss"], output["loss_aux"] + weight * output["loss_main"])
+
+
+@pytest.mark.parametrize("groups, expected", [
+    (1, {"learning_rate": 0.01}),
+    (2, {"learning_rate": 0.01, "learning_rate_fine_tuning": 0.1}),
+    (3, {"learning_rate": 0.01, "learning_rate_fine_tuning": 0.1, "learning_rate_group2": 1.0}),
+])
+def test_learning_rates_of_every_group(groups, expected):
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(groups)]
+    optimizer = torch.optim.Adam([{"params": [p], "lr": 0.01 * 10**i} for i, p in enumerate(params)])
+    assert learning_rates(optimizer) == pytest.approx(expected)
+
+
+def test_learning_rates_follow_the_bundles_groups():
+    net = UNet25D(num_directions=4, channels=(4, 8), strides=(2,), num_res_units=1)
+    optimizer = torch.optim.Adam(parameter_groups(net, 0.001, 10.0), lr=0.001)
+    assert learning_rates(optimizer) == pytest.approx({"learning_rate": 0.001, "learning_rate_fine_tuning": 0.01})
 
 
 def test_output_scalars_reads_decollated_and_plain_outputs():
@@ -139,6 +157,7 @@ def tensorboard_run(data, tmp_path_factory):
         "run", "training", "--config_file", "configs/train.json", "--dataset_dir", data,
         "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"), "--epochs", str(EPOCHS),
         "--learning_rate", str(LEARNING_RATE), "--main_weight", str(MAIN_WEIGHT),
+        "--fine_tuning_lr_factor", str(FINE_TUNING_FACTOR),
     ] + TINY)
     events = EventAccumulator(str(out / "eval" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -158,6 +177,9 @@ def test_tensorboard_scalars(tensorboard_run):
     per_epoch = len(steps) // EPOCHS
     cosine = [LEARNING_RATE * (1 + math.cos(math.pi * e / EPOCHS)) / 2 for e in range(EPOCHS)]
     assert [lr for _, lr in scalars["learning_rate"]] == pytest.approx(np.repeat(cosine, per_epoch).tolist())
+    fine_tuning = [FINE_TUNING_FACTOR * lr for lr in cosine]
+    assert [lr for _, lr in scalars["learning_rate_fine_tuning"]] == pytest.approx(
+        np.repeat(fine_tuning, per_epoch).tolist())
     for tag in ("val_mean_dice", "train_mean_dice"):
         assert [s for s, _ in scalars[tag]] == list(range(1, EPOCHS + 1))
         assert all(0.0 <= v <= 1.0 for _, v in scalars[tag])
