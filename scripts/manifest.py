@@ -119,11 +119,17 @@ def build_manifest(dataset_dir: str, settings: Mapping | None = None) -> dict:
             cases[split].append(record)
     return {
         "generator": generator_info(),
-        "dataset": {"folder": dataset_dir, "name": info.get("name"), "seed": info.get("seed"),
+        "dataset": {"folder": _shown(dataset_dir), "name": info.get("name"), "seed": info.get("seed"),
                     "num_cases": sum(len(v) for v in lists.values())},
         "settings": dict(settings or {}),
         "cases": cases,
     }
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory where it lies inside it (no machine's absolute path recorded)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def write_manifest(ckpt_dir: str, dataset_dir: str, settings: Mapping | None = None) -> str:
@@ -200,9 +206,12 @@ def check_disjoint(manifest_path: str, images: Sequence[str]) -> None:
 def main() -> None:
     import fire
 
-    def write(ckpt_dir: str = "models", dataset_dir: str = "eval/default_model/data") -> str:
-        """Write the manifest of ``dataset_dir`` beside the weights in ``ckpt_dir``."""
-        return write_manifest(ckpt_dir, dataset_dir)
+    def write(ckpt_dir: str = "models", dataset_dir: str = "eval/default_model/data", settings: dict | None = None) -> str:
+        """Write the manifest of ``dataset_dir`` beside the weights in ``ckpt_dir``; ``settings``: the training settings
+        to record (default: the shipped model's recipe, :data:`scripts.default_model.SETTINGS`)."""
+        if settings is None:
+            from scripts.default_model import SETTINGS as settings
+        return write_manifest(ckpt_dir, dataset_dir, settings)
 
     def check(ckpt_dir: str = "models", dataset_dir: str = "data/synthetic", splits: Sequence[str] = ("validation", "test")) -> str:
         """Check that the ``splits`` of ``dataset_dir`` hold no case the weights in ``ckpt_dir`` were trained on."""
