@@ -293,7 +293,8 @@ def run(
             trains once; B5 uses the first run's 2.5D model.
         update: keep the other benchmarks of ``<out>/benchmarks.json`` and replace only those of ``only``
             (their command, date and machine listed under ``updates`` and on the page); the settings of the
-            earlier run stay, so ``quick`` must match it.
+            earlier run stay, so ``quick`` and the 2.5D network (``network_25d``) must match it, and B1 goes
+            with B5 (whose table divides B1's 3D U-Net time).
 
     Returns:
         the path of the Markdown page.
@@ -360,6 +361,7 @@ def run(
     results["total_seconds"] = time.perf_counter() - start
     results["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     os.makedirs(out, exist_ok=True)
+    seconds = results["total_seconds"]
     if update:
         results = _merged(os.path.join(out, "benchmarks.json"), results, benches)
     with open(os.path.join(out, "benchmarks.json"), "w") as f:
@@ -368,7 +370,7 @@ def run(
     print(markdown_table(["benchmark", "target", "measured", "where", "status"],
                          [[t["benchmark"], t["target"], t["display"], t["where"], t["status"]]
                           for t in results["targets"]]))
-    logger.info("wrote %s and benchmarks.json in %.0f s", page, results["total_seconds"])
+    logger.info("wrote %s and benchmarks.json in %.0f s", page, seconds)
     return page
 
 
@@ -382,6 +384,12 @@ def _merged(path: str, new: dict, benches: set[str]) -> dict:
     if bool(results.get("quick")) != bool(new["quick"]):
         raise ValueError(f"--update: {path} holds a {'quick' if results.get('quick') else 'full'} run; "
                          f"this one is {'quick' if new['quick'] else 'full'}: their numbers do not mix.")
+    if results.get("network_25d") != new.get("network_25d"):
+        raise ValueError(f"--update: {path} measured another 2.5D network or inference setting than the configs give "
+                         "now (network_25d); its pages would mix the two: run all benchmarks.")
+    if "B1" in benches and "B5" in results and "B5" not in benches:
+        raise ValueError(f"--update: B5's table in {path} compares with B1's 3D U-Net time of its own run: "
+                         "rerun B1 together with B5 (--only B1,B5 or all).")
     for b in sorted(benches):
         results[b] = new[b]
     results.setdefault("updates", []).append(

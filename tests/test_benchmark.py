@@ -212,6 +212,11 @@ def test_update_replaces_only_the_benchmarks_run(tmp_path, quick_saved, quick_ne
         return
     merged = _merged(str(path), new, {"B1"})
     assert merged["B1"] == new["B1"] and merged["B3"] == saved["B3"]  # B3 kept as it was
+    with pytest.raises(ValueError, match="another 2.5D network"):
+        _merged(str(path), {**new, "network_25d": {"inference_roi_size": [48, 48, -1]}}, {"B1"})
+    path.write_text(json.dumps({**saved, "B5": {"rows": []}}))
+    with pytest.raises(ValueError, match="rerun B1 together with B5"):
+        _merged(str(path), new, {"B1"})
     assert merged["command"] == saved["command"]
     assert merged["updates"][0]["benchmarks"] == ["B1"] and merged["updates"][0]["command"] == new["command"]
     status = {t["target"]: t["status"] for t in merged["targets"]}
