@@ -99,9 +99,7 @@ def is_image(path: str) -> bool:
 
 def list_images(folder: str) -> list[str]:
     """The image files and DICOM series folders directly in ``folder``, sorted by name (hidden ones left out)."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image(os.path.join(folder, f)))
+    return [p for p in list_image_names(folder) if is_image(p)]
 
 
 def list_image_names(folder: str) -> list[str]:
