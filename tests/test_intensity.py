@@ -8,7 +8,14 @@ import torch
 from monai.data import MetaTensor
 from parameterized import parameterized
 
-from scripts.intensity import ScaleIntensityToTissue, ScaleIntensityToTissued, tissue_reference
+from scripts.intensity import (
+    ScaleIntensityToTissue,
+    ScaleIntensityToTissued,
+    ZeroBackground,
+    ZeroBackgroundd,
+    foreground_threshold,
+    tissue_reference,
+)
 
 
 def _head(shape: tuple[int, int, int], seed: int = 0, noise: float = 0.02) -> np.ndarray:
@@ -87,3 +94,61 @@ def test_empty_and_constant_images(image):
 def test_bad_percentile(upper):
     with pytest.raises(ValueError, match="percentile"):
         ScaleIntensityToTissue(upper)
+
+
+@parameterized.expand([[(40, 40, 8), 0.02], [(33, 47, 5), 0.015], [(24, 30, 6), 0.01]])
+def test_zero_background_clears_air_and_keeps_tissue(shape, noise):
+    image = _head(shape, noise=noise)
+    out = ZeroBackground()(image[None])[0]
+    h, w, _ = shape
+    assert out[:2, :2].max() == 0.0 and out[-2:, -2:].max() == 0.0  # the corners are air
+    tissue = image > foreground_threshold(image)
+    assert np.array_equal(out[tissue], image[tissue])  # tissue and the vessel keep their values
+    assert out[h // 2, w // 3 : w // 2].min() == 1.0
+
+
+def _graded_head(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A disc of tissue graded from 0.6 (centre) to 0.2 (rim), a bright vessel (1.0), air noise sigma 0.01."""
+    rng = np.random.default_rng(seed)
+    h, w, d = shape
+    y, x = np.mgrid[:h, :w]
+    r2 = ((y - h / 2) ** 2 + (x - w / 2) ** 2) / (0.4 * min(h, w)) ** 2
+    image = np.abs(rng.normal(0, 0.01, shape)).astype(np.float32)
+    image[r2 < 1] += (0.6 - 0.4 * r2[r2 < 1])[:, None] + rng.normal(0, 0.02, (int((r2 < 1).sum()), d)).astype(np.float32)
+    image[h // 2, w // 3 : w // 2, :] = 1.0
+    return image
+
+
+@parameterized.expand([[(40, 40, 8), 2], [(33, 47, 5), 2], [(24, 30, 6), 3]])
+def test_zero_background_makes_the_mip_independent_of_the_field_of_view(shape, factor):
+    """The MIP of noisy air grows with the ray length; with the air at 0 the padded case is the case.
+
+    The Otsu threshold moves a little with the amount of air, so tissue voxels right at it may fall either side.
+    """
+    image = _graded_head(shape)
+    padded, region = _pad_with_air(image, factor, seed=1, noise=0.01)
+    mip = lambda x: x.max(axis=0)  # noqa: E731  rays along the first axis, through the air above and below
+    assert np.abs(mip(padded[:, region[1]]) - mip(np.pad(image, ((1, 1), (0, 0), (0, 0))))).max() > 0.0
+    out, out_padded = ZeroBackground()(image[None])[0], ZeroBackground()(padded[None])[0]
+    outside = out_padded.copy()
+    outside[region] = 0.0
+    assert outside.max() == 0.0  # nothing left in the added air: CropForegroundd(x > 0) crops it away
+    changed = out_padded[region] != out
+    assert changed.mean() < 0.01
+    near = np.abs(image - foreground_threshold(image)) < 0.01
+    assert near[changed].all()
+    assert np.array_equal(mip(out_padded[region]) > 0.5, mip(out) > 0.5)
+
+
+def test_zero_background_dictionary_version_and_channels():
+    image = _head((20, 20, 4))
+    data = {"image": MetaTensor(torch.as_tensor(np.stack([image, 10 * image]))), "label": 1}
+    out = ZeroBackgroundd("image")(data)
+    assert isinstance(out["image"], MetaTensor) and out["image"].shape == (2, 20, 20, 4)
+    assert torch.allclose(out["image"][1], 10 * out["image"][0]) and out["label"] == 1
+
+
+@parameterized.expand([[np.zeros((1, 4, 4, 4), np.float32)], [np.full((1, 4, 4, 4), 5.0, np.float32)]])
+def test_zero_background_of_constant_images(image):
+    out = ZeroBackground()(image)
+    assert np.isfinite(out).all() and out.shape == image.shape

@@ -60,11 +60,7 @@ def masks(tmp_path_factory):
     return read("case"), {fill: (read(f"padded_{fill}"), offsets[fill]) for fill in offsets}, case.label > 0
 
 
-AIR_NOT_YET = pytest.mark.xfail(strict=True, reason="issue 26: the MIP of noise grows with the ray length, and the "
-                                "shipped U loses its vessel logits at the higher air level: Dice 0.28 on the common region")
-
-
-@pytest.mark.parametrize("fill", [pytest.param("air", marks=AIR_NOT_YET), "zeros"])
+@pytest.mark.parametrize("fill", ["air", "zeros"])
 def test_padded_field_of_view_gives_the_same_mask(masks, fill):
     mask, padded, _ = masks
     big, (oh, ow) = padded[fill]
