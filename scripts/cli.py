@@ -176,7 +176,14 @@ def options_text(config: dict, config_dir: str) -> str:
 
 
 def _workflow():
-    """The ``ConfigWorkflow`` whose ``initialize`` is running, or None (a config parsed without a workflow)."""
+    """The ``ConfigWorkflow`` whose ``initialize`` is running, or None (a config parsed without a workflow).
+
+    A config expression has no name for the workflow or the parser that evaluates it, and :func:`setup` needs
+    both (the raw config with the command line's overrides, the config folder). MONAI evaluates ``initialize``
+    inside ``ConfigWorkflow.initialize``, so the workflow is the nearest ``self`` up the call stack that is one.
+    The search only reads frames; outside a workflow (a config parsed by hand, a test) it finds none and
+    :func:`setup` does nothing.
+    """
     from monai.bundle import ConfigWorkflow
 
     frame = inspect.currentframe()
@@ -223,6 +230,8 @@ def _install_excepthook(debug: bool) -> None:
     spec = getattr(main, "__spec__", None)
     if debug or getattr(spec, "name", "") not in ("monai.bundle.__main__", "monai.bundle"):
         return
+    if getattr(sys.excepthook, "user_error_report", False):
+        return  # installed by an earlier workflow of this process
     previous = sys.excepthook
 
     def report(kind, value, traceback) -> None:
@@ -232,6 +241,7 @@ def _install_excepthook(debug: bool) -> None:
         else:
             sys.stderr.write(text)
 
+    report.user_error_report = True  # type: ignore[attr-defined]
     sys.excepthook = report
 
 
@@ -253,6 +263,9 @@ def setup() -> None:
     bundle_root = str(parser.get_parsed_content("bundle_root")) if "bundle_root" in parser else "."
     debug = _as_bool(config.get("debug")) or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
     _install_excepthook(debug)
+    from scripts.tracking import log_above_progress_bars
+
+    log_above_progress_bars()
     config_dir = str(workflow.config_root_path)
     shown_dir = os.path.relpath(config_dir, os.path.abspath(bundle_root))
     if any(_as_bool(config.get(k)) for k in ("help", "print_options")):

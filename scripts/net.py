@@ -89,8 +89,9 @@ class UNet25D(nn.Module):
             ``DiceCELoss(sigmoid=True)``); eval mode gives probabilities either way.
 
     Shapes:
-        ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities (logits with ``train_logits`` in training mode), for any ``H, W >= 2`` and
-        any ``D``; the projections ``(N_s, D)`` get ``margin`` bins on every side, are padded
+        ``(B, C, H, W, D) -> (B, K, H, W, D)`` probabilities (logits with ``train_logits`` in training mode), for any ``H, W``
+        and ``D`` (a plane one voxel wide is edge-padded to two and cropped back; the two training paths need
+        ``H, W >= 2``); the projections ``(N_s, D)`` get ``margin`` bins on every side, are padded
         to a multiple of the U-Net's total stride and cropped back. With ``num_subset = q > 0``: ``(B, 2, K, H, W, D)``,
         index 0 the main path ``y`` and 1 the auxiliary path ``y_aux`` (as MONAI's
         ``DynUNet`` stacks deep-supervision outputs).
@@ -187,7 +188,15 @@ class UNet25D(nn.Module):
             # one stack of the logits and one sigmoid: no copy of two probability volumes
             stacked = torch.stack([z, z_aux], 1)
             return stacked if logits else torch.sigmoid(stacked)
-        self._check_input(x)
+        self._check_input(x, 1)
+        h, w = x.shape[2], x.shape[3]
+        if h < 2 or w < 2:  # a line or a single voxel: its edge copy beside it, the same rays and values
+            padded = nn.functional.pad(x, [0, 0, 0, max(2 - w, 0), 0, max(2 - h, 0)], mode="replicate")
+            return self._all_directions(padded, logits)[:, :, :h, :w]
+        return self._all_directions(x, logits)
+
+    def _all_directions(self, x: torch.Tensor, logits: bool) -> torch.Tensor:
+        """``T(R(F(U(M x))))`` over all ``p`` directions, ``(B, C, H, W, D) -> (B, K, H, W, D)``, ``H, W >= 2``."""
         p = self.num_directions
         h, w = x.shape[2], x.shape[3]
         q = self.filtration(self.segment(self.project(x, p)), p)
@@ -270,13 +279,15 @@ class UNet25D(nn.Module):
                 logits[i : i + chunk] = self.unet(images[i : i + chunk])[:, :, m : m + n_s, m : m + d]
         return logits.reshape(b, p, self.out_channels, n_s, d)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, min_plane: int = 2) -> None:
         if x.dim() != 5:
             raise ValueError(f"the input must have shape (B, C, H, W, D), got shape {list(x.shape)}.")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"the network expects {self.in_channels} input channel(s), the input has {x.shape[1]}.")
-        if x.shape[2] < 2 or x.shape[3] < 2 or x.shape[4] < 1:
-            raise ValueError(f"the volume must be at least 2 x 2 x 1 voxels (H x W x D), got {list(x.shape[2:])}.")
+        if x.shape[2] < min_plane or x.shape[3] < min_plane or x.shape[4] < 1:
+            raise ValueError(
+                f"the volume must be at least {min_plane} x {min_plane} x 1 voxels (H x W x D), got {list(x.shape[2:])}."
+            )
         if not torch.jit.is_scripting():
             if exporting():
                 return  # a check of the values has no place in an exported graph (and stops torch.export)

@@ -13,6 +13,10 @@ through one ``SummaryWriter`` shared by its handlers (made at the first write,
   the axial maximum-intensity projections of the first validation case's image, label and
   prediction (``val_mip/image``, ``val_mip/label``, ``val_mip/pred``).
 
+On the console, each phase has one progress bar (:class:`ProgressBar`: training with the step's
+losses beside it, validation, evaluation, inference), and log lines are written above the bars
+(:func:`log_above_progress_bars`) instead of through them.
+
 docs/tracking.md says how to view them, and how MLflow (``--tracking mlflow``) and multi-GPU
 training fit in.
 """
@@ -22,14 +26,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import logging
+
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar as IgniteProgressBar
 from monai.engines.utils import IterationEvents
 from monai.handlers import TensorBoardHandler
 from monai.transforms import Orientation
 from monai.utils import CommonKeys
 
-__all__ = ["LazySummaryWriter", "PathLosses", "output_scalars", "learning_rates", "axial_mip", "MIPImageHandler"]
+__all__ = [
+    "LazySummaryWriter",
+    "PathLosses",
+    "output_scalars",
+    "learning_rates",
+    "axial_mip",
+    "MIPImageHandler",
+    "ProgressBar",
+    "TqdmStreamHandler",
+    "log_above_progress_bars",
+]
 
 
 class LazySummaryWriter:
@@ -206,3 +223,53 @@ class MIPImageHandler(TensorBoardHandler):
             mips = axial_mip(volume, self.axcodes)
             self._writer.add_images(f"{self.tag}/{key}", mips[:, None], engine.state.epoch, dataformats="NCHW")
         self._writer.flush()
+
+
+class ProgressBar(IgniteProgressBar):
+    """ignite's ``ProgressBar`` that shows ``output_transform(engine.state.output)`` beside the bar.
+
+    MONAI's workflows attach a handler with ``handler.attach(engine)`` only, so the values to show are
+    given here, at construction, as a config can. One bar per epoch of the engine (``persist`` keeps
+    each epoch's finished bar on the console).
+
+    Args:
+        output_transform: maps the engine's output to a dict of scalars (e.g. :func:`output_scalars`), or None.
+        kwargs: ignite's ``ProgressBar`` arguments (``persist``, ``desc``, ``bar_format``, ...).
+    """
+
+    def __init__(self, output_transform: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine, metric_names: Any = None, output_transform: Callable | None = None,
+               event_name: Any = Events.ITERATION_COMPLETED, closing_event_name: Any = Events.EPOCH_COMPLETED) -> None:
+        super().attach(engine, metric_names, output_transform or self.output_transform, event_name, closing_event_name)
+
+
+class TqdmStreamHandler(logging.StreamHandler):
+    """A ``StreamHandler`` that writes through ``tqdm.write``: each record lands above the progress bars, which are
+    drawn again below it, instead of in the middle of a bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # as logging.StreamHandler does: report and go on
+            self.handleError(record)
+
+
+def log_above_progress_bars(logger: logging.Logger | None = None) -> None:
+    """Replace the console handlers (plain ``StreamHandler``) of ``logger`` (the root logger by default) by
+    :class:`TqdmStreamHandler` with the same stream, level, formatter and filters; other handlers (files) stay."""
+    logger = logger or logging.getLogger()
+    for i, handler in enumerate(list(logger.handlers)):
+        if type(handler) is not logging.StreamHandler:
+            continue
+        replacement = TqdmStreamHandler(handler.stream)
+        replacement.setLevel(handler.level)
+        replacement.setFormatter(handler.formatter)
+        for log_filter in handler.filters:
+            replacement.addFilter(log_filter)
+        logger.handlers[i] = replacement

@@ -119,7 +119,7 @@ def test_sigkill_mid_epoch_then_resume(data, tmp_path):
     log = []
     for line in process.stdout:
         log.append(line)
-        if "Epoch: 2/3, Iter: 1/3" in line:
+        if "training [2/3]: [1/3]" in line:  # the progress bar after the first step of epoch 2 (a '\r' ends the line)
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)
@@ -131,7 +131,7 @@ def test_sigkill_mid_epoch_then_resume(data, tmp_path):
     resumed = run(command + ["--resume", "true"])
     log = resumed.stdout + resumed.stderr
     assert f"resumed from {ckpt}/checkpoint.ckpt: epoch 1 of 3 done" in log
-    assert "Epoch: 1/3" not in log and "Epoch: 2/3, Iter: 1/3" in log and "Epoch: 3/3, Iter: 3/3" in log
+    assert "training [1/3]" not in log and "training [2/3]: [1/3]" in log and "training [3/3]: [3/3]" in log
     checkpoint = load_checkpoint(os.path.join(ckpt, "checkpoint.ckpt"))
     assert checkpoint["trainer"]["iteration"] == 9 and checkpoint["lr_scheduler"]["last_epoch"] == 3
     assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "best_metric"}

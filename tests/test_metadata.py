@@ -66,16 +66,22 @@ def test_every_runtime_requirement_is_pinned():
 
 
 def test_channels_follow_the_network():
-    """Input and output channels as the inference network has them; channel_def names the mask's values
-    (background, then one value per output channel), as MONAI Label reads it."""
+    """Input and output channels as the inference network has them; the output's channel_def has one entry per
+    channel and names the value that channel gets in the mask (1, 2, ...; 0 is background), as MONAI Label reads it."""
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
     image = META["network_data_format"]["inputs"]["image"]
     pred = META["network_data_format"]["outputs"]["pred"]
     assert image["num_channels"] == parser["network_def"]["in_channels"] == len(image["channel_def"])
     assert pred["num_channels"] == parser["network_def"]["out_channels"]
-    assert sorted(int(k) for k in pred["channel_def"]) == list(range(pred["num_channels"] + 1))
-    assert pred["channel_def"]["0"] == "background"
+    assert sorted(int(k) for k in pred["channel_def"]) == list(range(1, pred["num_channels"] + 1))
+    assert "background" not in (v.lower() for v in pred["channel_def"].values())
+
+
+def test_spatial_shape_is_any_size():
+    """The network takes any H x W x D (``"*"``): ``verify_net_in_out`` feeds 1 voxel per axis for it."""
+    for entry in (*META["network_data_format"]["inputs"].values(), *META["network_data_format"]["outputs"].values()):
+        assert entry["spatial_shape"] == ["*", "*", "*"] and entry["is_patch_data"] is False
 
 
 def _doc_means(path):

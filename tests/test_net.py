@@ -18,7 +18,7 @@ TINY = dict(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 CASES = []
 for in_channels, out_channels in ((1, 1), (2, 3)):
     for p in (1, 4, 7):
-        for spatial in ((16, 16, 16), (67, 93, 41), (9, 14, 3), (2, 2, 1)):
+        for spatial in ((16, 16, 16), (67, 93, 41), (9, 14, 3), (2, 2, 1), (1, 1, 1), (1, 9, 4), (7, 1, 2)):
             CASES.append([dict(in_channels=in_channels, out_channels=out_channels, num_directions=p, **TINY), spatial])
 
 
@@ -139,13 +139,31 @@ def test_direction_batch_and_inference_buffers_keep_the_output(direction_batch):
         ["channels", torch.rand(1, 2, 8, 8, 8)],
         ["nan", torch.full((1, 1, 8, 8, 8), float("nan"))],
         ["inf", torch.full((1, 1, 8, 8, 8), float("inf"))],
-        ["too small", torch.rand(1, 1, 1, 8, 8)],
+        ["empty plane", torch.rand(1, 1, 0, 8, 8)],
+        ["no slice", torch.rand(1, 1, 8, 8, 0)],
     ]
 )
 def test_bad_input_raises(_, x):
     net = UNet25D(num_directions=4, **TINY)
     with pytest.raises(ValueError):
         net(x)
+
+
+def test_training_paths_need_a_plane_of_two_by_two():
+    net = UNet25D(num_directions=4, **TINY)
+    with pytest.raises(ValueError, match="at least 2 x 2 x 1"):
+        net(torch.rand(1, 1, 1, 8, 8), num_subset=2)
+
+
+@parameterized.expand([[(1, 6, 4)], [(5, 1, 3)], [(1, 1, 2)]])
+def test_a_plane_one_voxel_wide_is_its_edge_copy(spatial):
+    """A line (or a voxel) gives what the same line doubled beside itself gives on its own voxels."""
+    net = UNet25D(num_directions=5, **TINY)
+    x = torch.rand(1, 1, *spatial)
+    doubled = x.expand(1, 1, max(spatial[0], 2), max(spatial[1], 2), spatial[2])
+    with eval_mode(net):
+        y, y2 = net(x), net(doubled.contiguous())
+    assert torch.allclose(y, y2[:, :, : spatial[0], : spatial[1]], atol=1e-6)
 
 
 @parameterized.expand(

@@ -101,7 +101,7 @@ BAD_CASES = {
     "zero.nii.gz": (lambda p: write_image(p, np.zeros((13, 16, 11), np.float32)),
                     r"zero\.nii\.gz is constant \(every voxel is 0\)"),
     "tiny.nii.gz": (lambda p: write_image(p, good_volume((3, 3, 3)), np.diag([0.2, 0.2, 0.2, 1.0])),
-                    r"tiny\.nii\.gz is \d x \d x \d voxels after preprocessing .* smaller than the 2 x 2 x 1"),
+                    r"tiny\.nii\.gz is \d x \d x \d voxels after preprocessing .* smaller than the 1 x 1 x 1"),
 }
 GOOD_CASES = ("good_a.nii.gz", "good_b.nii")  # an intact uncompressed file passes the truncation check
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -26,7 +27,16 @@ from parameterized import parameterized
 from bundle_utils import BUNDLE_CMD, TINY_NET, run, synthetic_data
 from scripts.losses import TwoPathDiceLoss
 from scripts.net import UNet25D
-from scripts.tracking import LazySummaryWriter, PathLosses, axial_mip, learning_rates, output_scalars
+from scripts.tracking import (
+    LazySummaryWriter,
+    PathLosses,
+    ProgressBar,
+    TqdmStreamHandler,
+    axial_mip,
+    learning_rates,
+    log_above_progress_bars,
+    output_scalars,
+)
 from scripts.training import TwoPathPrepareBatch, parameter_groups
 
 TINY = TINY_NET + ["--num_workers", "0", "--pixdim", "[1.0,1.0,1.0]", "--roi_size", "[16,16,16]",
@@ -121,6 +131,52 @@ def test_axial_mip_reorients_a_meta_tensor_to_ras():
         axial_mip(torch.zeros(8, 6, 4))
 
 
+@parameterized.expand([[3], [5]])
+def test_progress_bar_shows_the_output_transform(length):
+    from ignite.engine import Engine
+
+    stream = io.StringIO()
+    engine = Engine(lambda e, batch: {"loss": torch.tensor(float(batch))})
+    ProgressBar(output_transform=output_scalars({"train_loss": "loss"}), persist=True, desc="training",
+                file=stream).attach(engine)
+    engine.run(list(range(1, length + 1)), max_epochs=1)
+    text = stream.getvalue()
+    assert f"training: [{length}/{length}]" in text and f"train_loss={length}" in text
+
+
+def test_log_lines_land_above_the_progress_bar():
+    """A record logged while a bar is drawn gets a line of its own; the bar is drawn again below it."""
+    from ignite.engine import Engine
+
+    stream = io.StringIO()
+    logger = logging.getLogger("test_log_lines_land_above_the_progress_bar")
+    logger.propagate = False
+    logger.handlers = [logging.StreamHandler(stream)]
+    logger.handlers[0].setFormatter(logging.Formatter("LOG %(message)s"))
+    log_above_progress_bars(logger)
+    assert isinstance(logger.handlers[0], TqdmStreamHandler) and logger.handlers[0].stream is stream
+
+    engine = Engine(lambda e, batch: logger.warning("step %d", batch))
+    ProgressBar(desc="training", file=stream, persist=True).attach(engine)
+    engine.run([1, 2, 3], max_epochs=1)
+    lines = stream.getvalue().replace("\r", "\n").split("\n")
+    assert {"LOG step 1", "LOG step 2", "LOG step 3"} <= set(lines)  # never in the middle of a bar's line
+
+
+def test_only_console_handlers_are_replaced(tmp_path):
+    import sys
+
+    logger = logging.getLogger("test_only_console_handlers_are_replaced")
+    file_handler = logging.FileHandler(tmp_path / "log.txt")
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.WARNING)
+    logger.handlers = [file_handler, console]
+    log_above_progress_bars(logger)
+    assert logger.handlers[0] is file_handler
+    assert type(logger.handlers[1]) is TqdmStreamHandler and logger.handlers[1].level == logging.WARNING
+    file_handler.close()
+
+
 def test_lazy_summary_writer_creates_its_folder_at_the_first_write(tmp_path):
     log_dir = tmp_path / "tensorboard"
     writer = LazySummaryWriter(str(log_dir))
@@ -201,12 +257,13 @@ def test_tensorboard_mip_images_match_the_first_validation_case(tensorboard_run,
 
 
 def test_training_console_feedback(tensorboard_run):
-    """A progress bar per epoch (ignite's ``ProgressBar``) and each path's loss in the log lines."""
+    """One progress bar per epoch with each path's loss beside it, and no per-step log line."""
     log = tensorboard_run["log"]
     for epoch in range(1, EPOCHS + 1):
         finished = rf"training \[{epoch}/{EPOCHS}\]: \[(\d+)/\1\] +100%"
         assert re.search(finished, log), f"no finished bar of epoch {epoch}"
-    assert re.search(r"train_loss: [\d.]+ train_loss_aux: [\d.]+ train_loss_main: [\d.]+", log)
+    assert re.search(r"train_loss=[\d.]+, train_loss_aux=[\d.]+, train_loss_main=[\d.]+", log)
+    assert not re.search(r"Iter: \d+/\d+ -- train_loss", log)
 
 
 def test_tracking_mlflow(data, tmp_path):
