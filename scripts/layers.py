@@ -15,6 +15,9 @@ __all__ = ["Filtration", "FineTuning", "EvalSigmoid", "FILTER_INITS", "box_mean"
 FILTER_INITS = ("identity", "ramp")
 # the zero-frequency gain of each initial design, which ``Filtration(constrain_dc=True)`` keeps
 DC_GAINS = {"identity": 1.0, "ramp": 0.0}
+# elements (about 1 MiB of float32) in one slab of rows along H that T writes at a time at inference: a few slabs of
+# extra memory instead of a second volume
+SLAB_ELEMENTS = 1 << 18
 
 
 def box_mean(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -289,7 +292,7 @@ class FineTuning(nn.Module):
         return z
 
     def _add_local_mean_inplace(self, z: torch.Tensor, channel: torch.Tensor, tap: torch.Tensor,
-                                slab_elements: int = 1 << 18) -> None:
+                                slab_elements: int = SLAB_ELEMENTS) -> None:
         """``z += tap * box_mean(channel)``, one slab of rows along H at a time: a few slabs of
         extra memory instead of the local mean's volume (``channel`` ``(B, 1, H, W, D)`` is only read)."""
         h = channel.shape[2]
@@ -314,7 +317,7 @@ class FineTuning(nn.Module):
         block = box_mean(channel[:, :, lo : min(h1 + r, channel.shape[2])], k)
         return block[:, :, h0 - lo : h1 - lo]
 
-    def _pool_inplace(self, x: torch.Tensor, slab_elements: int = 1 << 18) -> torch.Tensor:
+    def _pool_inplace(self, x: torch.Tensor, slab_elements: int = SLAB_ELEMENTS) -> torch.Tensor:
         """:meth:`_pool` written over ``x``, one slab of rows along H at a time (same values).
 
         Each slab is pooled together with the ``k // 2`` rows on either side of it, the rows
@@ -392,7 +395,7 @@ class _FineTuningLogits(torch.autograd.Function):
                 local = torch.zeros_like(products)
                 for c in range(image.shape[1]):
                     channel = image[:, c : c + 1]
-                    step = layer._slab_rows(channel, 1 << 18)
+                    step = layer._slab_rows(channel, SLAB_ELEMENTS)
                     for h0 in range(0, channel.shape[2], step):
                         h1 = min(h0 + step, channel.shape[2])
                         mean = layer._local_mean_slab(channel, h0, h1)
