@@ -23,10 +23,9 @@ training fit in.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import logging
 
 import torch
 from ignite.engine import Engine, Events
@@ -242,8 +241,9 @@ class ProgressBar(IgniteProgressBar):
         self.output_transform = output_transform
 
     def attach(self, engine: Engine, metric_names: Any = None, output_transform: Callable | None = None,
-               event_name: Any = Events.ITERATION_COMPLETED, closing_event_name: Any = Events.EPOCH_COMPLETED) -> None:
-        super().attach(engine, metric_names, output_transform or self.output_transform, event_name, closing_event_name)
+               **kwargs: Any) -> None:
+        """ignite's ``attach``; ``output_transform`` defaults to the one given at construction."""
+        super().attach(engine, metric_names, output_transform or self.output_transform, **kwargs)
 
 
 class TqdmStreamHandler(logging.StreamHandler):
