@@ -7,8 +7,9 @@ The held-out set (:mod:`scripts.heldout`: ``spacecol``, ``anatomy``, ``coarse``)
   (preprocessing, network, inferer, postprocessing with ``Invertd``; only the file writer is left out);
 - ``windows``: the same with in-plane windows (``sw_roi_size`` overridden, e.g. ``[48, 48, -1]``);
 - ``unet3d``: MONAI's 3D U-Net (``configs/train.json`` + ``configs/unet3d.json``, its validation inferer and
-  postprocessing) from ``--unet3d_ckpt``, trained at the 2.5D model's budget on the same data
-  (``scripts.benchmark_accuracy.train_model``); "not run" without a checkpoint;
+  postprocessing), trained on the shipped model's data (``scripts.default_model``) for ``--unet3d_budget_s``
+  seconds of training wall-clock (``scripts.benchmark_accuracy.train_model``, the best validation checkpoint;
+  kept in ``work_dir/unet3d``), or read from ``--unet3d_ckpt``; "not run" without either;
 - ``frangi``: Frangi vesselness with the threshold of best mean Dice on a validation split of the training
   generator (``scripts.synthetic``), never on the held-out set;
 - ``threshold``: a plain threshold of the normalised intensity, chosen the same way.
@@ -16,7 +17,8 @@ The held-out set (:mod:`scripts.heldout`: ``spacecol``, ``anatomy``, ``coarse``)
 Command line (from the bundle root)::
 
     python -m scripts.benchmark_generalisation --out docs --work_dir eval/generalisation
-    python -m scripts.benchmark_generalisation --unet3d_ckpt models/unet3d/model.pt --windows "[96, 96, -1]"
+    python -m scripts.benchmark_generalisation --unet3d_budget_s 4200 --windows "[48, 48, -1]"
+    python -m scripts.benchmark_generalisation --unet3d_ckpt eval/generalisation/unet3d/model.pt
 """
 
 from __future__ import annotations
@@ -34,21 +36,26 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, LoadImage
 
-from scripts.benchmark_accuracy import TINY_LEVELS, _load_normalised, case_metrics, model_parser
+from scripts.benchmark_accuracy import TINY_LEVELS, _load_normalised, case_metrics, model_parser, train_model
 from scripts.benchmark_report import fmt, markdown_table
 from scripts.checkpoint_io import check_state_dict, load_checkpoint
 from scripts.data import load_datalist
+from scripts.default_model import SETTINGS as SHIPPED
 from scripts.frangi import DEFAULT_THRESHOLDS, FrangiSegmenter, dice_per_threshold
 from scripts.heldout import MNI_FILES, SOURCES, write_source
 
-__all__ = ["METHODS", "build_heldout", "choose_thresholds", "evaluate_bundle", "evaluate_unet3d", "evaluate_frangi",
-           "evaluate_threshold", "run", "render", "main"]
+__all__ = ["METHODS", "build_heldout", "choose_thresholds", "train_unet3d", "evaluate_bundle", "evaluate_unet3d",
+           "evaluate_frangi", "evaluate_threshold", "run", "render", "main"]
 
 logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("whole", "windows", "unet3d", "frangi", "threshold")
 KEYS = ("dice", "cldice", "hd95")
+SHIPPED_DATA = "eval/default_model/data"  # scripts.default_model's data folder: the 3D U-Net trains on it
+# what the page reports of the 3D U-Net's training (scripts.benchmark_accuracy.train_model's result)
+TRAINING_KEYS = ("network", "loss", "optimizer", "parameters", "steps", "train_seconds", "batch_size", "num_samples",
+                 "best_validation_dice", "test", "curve")
 
 
 def build_heldout(work_dir: str, num_cases: int, seed: int, scale: float) -> dict[str, str]:
@@ -189,6 +196,42 @@ def evaluate_unet3d(entries: Sequence[dict], ckpt: str, tiny: bool = False) -> t
     return _run_learned(parts, entries, ("image", "label")), settings
 
 
+def train_unet3d(work_dir: str, data_dir: str, budget_s: float, seed: int = 0, tiny: bool = False
+                 ) -> tuple[str, dict]:
+    """MONAI's 3D U-Net (``configs/train.json`` + ``configs/unet3d.json``, its crop and batch) trained on the
+    training split of ``data_dir`` for ``budget_s`` seconds of training wall-clock, the checkpoint of best
+    validation Dice kept (:func:`scripts.benchmark_accuracy.train_model`), then scored on the test split.
+
+    ``data_dir`` is written by the shipped model's recipe (``scripts.default_model.SETTINGS``) when it has no
+    ``dataset.json``. The weights and the training record go to ``work_dir/unet3d/`` (``model.pt``,
+    ``training.json``) and are reused while the record's set-up is the same.
+
+    Returns:
+        the checkpoint's path and the training record (:data:`TRAINING_KEYS` of the result).
+    """
+    if budget_s <= 0:
+        raise ValueError(f"the 3D U-Net's training budget must be positive seconds, got {budget_s}.")
+    folder = os.path.join(work_dir, "unet3d")
+    ckpt, record = os.path.join(folder, "model.pt"), os.path.join(folder, "training.json")
+    setup = {"data_dir": os.path.abspath(data_dir), "budget_s": float(budget_s), "seed": int(seed), "tiny": bool(tiny)}
+    if os.path.isfile(ckpt) and os.path.isfile(record):
+        with open(record) as f:
+            kept = json.load(f)
+        if kept.get("setup") == setup:
+            return ckpt, kept["result"]
+    load_datalist(data_dir, synthetic_dir=data_dir, synthetic_cases=SHIPPED["synthetic_cases"],
+                  synthetic_seed=SHIPPED["synthetic_seed"], check=False)
+    crop = [16, 16, 16] if tiny else ConfigParser.load_config_file(os.path.join(ROOT, "configs", "unet3d.json"))[
+        "roi_size"]
+    os.makedirs(folder, exist_ok=True)
+    result = train_model("unet3d", data_dir, budget_s, val_every_s=budget_s / 6, crop=crop, tiny=tiny, seed=seed,
+                         checkpoint=ckpt)
+    kept = {"setup": setup, "result": {k: result[k] for k in TRAINING_KEYS}}
+    with open(record, "w") as f:
+        json.dump(kept, f, indent=1)
+    return ckpt, kept["result"]
+
+
 def _run_classic(entries: Sequence[dict], predict) -> list[dict]:
     rows = []
     for entry, (image, _, spacing) in zip(entries, _load_normalised(entries)):
@@ -219,16 +262,26 @@ def _summary(rows: list[dict]) -> dict:
 
 def run(work_dir: str = "eval/generalisation", ckpt: str = "models/model.pt", unet3d_ckpt: str | None = None,
         windows: Sequence[int] = (48, 48, -1), num_cases: int = 3, seed: int = 0, scale: float = 1.0,
-        train_data_dir: str | None = None, threshold_cases: int = 8, tiny: bool = False) -> dict:
-    """Build the held-out set, choose the classic thresholds on training-generator data, score every method on
-    every source; return everything the page shows."""
+        train_data_dir: str | None = None, threshold_cases: int = 8, tiny: bool = False,
+        unet3d_budget_s: float | None = None, unet3d_data_dir: str = SHIPPED_DATA) -> dict:
+    """Build the held-out set, choose the classic thresholds on training-generator data, train the 3D U-Net when
+    ``unet3d_budget_s`` is given (:func:`train_unet3d` on ``unet3d_data_dir``), score every method on every
+    source; return everything the page shows."""
+    if unet3d_budget_s and unet3d_ckpt:
+        raise ValueError("give --unet3d_ckpt (trained weights) or --unet3d_budget_s (train them here), not both.")
+    training = None
+    if unet3d_budget_s:
+        unet3d_ckpt, training = train_unet3d(work_dir, unet3d_data_dir, unet3d_budget_s, tiny=tiny)
     dirs = build_heldout(work_dir, num_cases, seed, scale)
     train_dir, validation = _training_validation(work_dir, train_data_dir, threshold_cases)
     chosen = _cached_thresholds(os.path.join(work_dir, "thresholds.json"), validation)
-    chosen["data"] = os.path.relpath(train_dir, ROOT) if train_dir.startswith(ROOT) else train_dir
+    chosen["data"] = _shown(train_dir)
     results: dict = {"settings": {"num_cases": num_cases, "seed": seed, "scale": scale, "windows": list(windows),
                                   "ckpt": ckpt, "unet3d_ckpt": unet3d_ckpt, "tiny": tiny, "threads":
                                   torch.get_num_threads()}, "chosen": chosen, "sources": {}}
+    if training is not None:
+        results["unet3d_training"] = {"data": _shown(unet3d_data_dir), "budget_s": float(unet3d_budget_s),
+                                      "shipped_test_dice": _shipped_test_dice(), **training}
     for source, folder in dirs.items():
         entries = load_datalist(folder, check=False, require_training=False)["test"]
         with open(os.path.join(folder, "dataset.json")) as f:
@@ -249,6 +302,19 @@ def run(work_dir: str = "eval/generalisation", ckpt: str = "models/model.pt", un
         logger.info("%s: whole-volume Dice %.3f, Frangi %.3f", source, methods["whole"]["dice"],
                     methods["frangi"]["dice"])
     return results
+
+
+def _shipped_test_dice() -> float | None:
+    """The shipped model's mean test Dice on its data's test split (``eval_metrics`` of ``configs/metadata.json``,
+    written by ``scripts.default_model``); None where the metadata has none."""
+    with open(os.path.join(ROOT, "configs", "metadata.json")) as f:
+        return json.load(f).get("eval_metrics", {}).get("mean_dice")
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the bundle root where it lies inside it."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
 def _names(settings: dict) -> dict[str, str]:
@@ -313,10 +379,29 @@ def render(results: dict, command: str, figures: dict[str, str] | None = None) -
         lines += [markdown_table(header, rows), ""]
         if figures and source in figures:
             lines += [f"![{source}]({figures[source]})", ""]
-    if not results["settings"]["unet3d_ckpt"]:
-        lines += ["The 3D U-Net row is not run without `--unet3d_ckpt` (a checkpoint trained by "
-                  "`scripts.benchmark_accuracy.train_model('unet3d', ...)` at the 2.5D model's budget).", ""]
+    if "unet3d_training" in results:
+        lines += _training_lines(results["unet3d_training"])
+    elif results["settings"]["unet3d_ckpt"]:
+        lines += [f"The 3D U-Net's weights: `{results['settings']['unet3d_ckpt']}`.", ""]
+    else:
+        lines += ["The 3D U-Net row is not run without `--unet3d_budget_s` (train it here) or `--unet3d_ckpt`.", ""]
     return "\n".join(lines)
+
+
+def _training_lines(t: dict) -> list[str]:
+    """How the 3D U-Net of the table was trained (:func:`train_unet3d`'s record)."""
+    curve = ", ".join(f"{c['dice']:.3f}" for c in t["curve"])
+    return ["## How the 3D U-Net was trained", "",
+            f"{t['network']}, {t['parameters']:,} parameters, {t['loss']}, {t['optimizer']}; batches of "
+            f"{t['batch_size']} volumes × {t['num_samples']} crops of `configs/unet3d.json`'s `roi_size` with "
+            f"`configs/train.json`'s augmentation, on the training split of `{t['data']}` (the shipped model's data, "
+            f"`scripts.default_model`), for {t['budget_s']:.0f} s of training wall-clock ({t['steps']} steps; "
+            "validation not counted). The checkpoint of best validation Dice "
+            f"({t['best_validation_dice']:.3f}) is the one scored above; on the test split of that data it reaches "
+            f"Dice {t['test']['dice']:.3f}" + (f", the shipped 2.5D model {t['shipped_test_dice']:.3f} "
+                                               "(`eval_metrics` in `configs/metadata.json`)."
+                                               if t.get("shipped_test_dice") is not None else "."), "",
+            f"Validation Dice at the start and after every sixth of the budget: {curve}.", ""]
 
 
 def _figures(results: dict, out: str) -> dict[str, str]:
@@ -336,13 +421,17 @@ def _figures(results: dict, out: str) -> dict[str, str]:
 def main(out: str = "docs", work_dir: str = "eval/generalisation", ckpt: str = "models/model.pt",
          unet3d_ckpt: str | None = None, windows: Sequence[int] = (48, 48, -1), num_cases: int = 3, seed: int = 0,
          scale: float = 1.0, train_data_dir: str | None = None, threshold_cases: int = 8, tiny: bool = False,
-         figures: bool = True) -> str:
+         figures: bool = True, unet3d_budget_s: float | None = None, unet3d_data_dir: str = SHIPPED_DATA
+         ) -> str:
     """Command line: run the benchmark and write ``out/generalisation.md`` and ``out/generalisation.json``."""
     logging.basicConfig(level=logging.INFO)
-    results = run(work_dir, ckpt, unet3d_ckpt, windows, num_cases, seed, scale, train_data_dir, threshold_cases, tiny)
+    results = run(work_dir, ckpt, unet3d_ckpt, windows, num_cases, seed, scale, train_data_dir, threshold_cases, tiny,
+                  unet3d_budget_s, unet3d_data_dir)
     command = f"python -m scripts.benchmark_generalisation --out {out} --work_dir {work_dir} --num_cases {num_cases}"
     command += f" --seed {seed} --scale {scale} --windows \"{list(windows)}\""
     command += f" --unet3d_ckpt {unet3d_ckpt}" if unet3d_ckpt else ""
+    command += f" --unet3d_budget_s {unet3d_budget_s:g}" if unet3d_budget_s else ""
+    command += f" --unet3d_data_dir {unet3d_data_dir}" if unet3d_budget_s and unet3d_data_dir != SHIPPED_DATA else ""
     command += f" --train_data_dir {train_data_dir}" if train_data_dir else ""
     os.makedirs(out, exist_ok=True)
     page = render(results, command, _figures(results, out) if figures else None)

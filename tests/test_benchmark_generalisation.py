@@ -97,3 +97,54 @@ def test_prediction_on_another_grid_is_refused(tmp_path):
     label = os.path.join(tmp_path, "labelsTs", "spacecol_001.nii.gz")
     with pytest.raises(ValueError, match="label's grid"):
         bg._score(torch.zeros(3, 3, 3), label)
+
+
+@pytest.fixture(scope="module")
+def unet3d_training(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unet3d")
+    data = str(folder / "data")
+    write_dataset(data, num_cases=4, seed=5, size=[32, 32, 24], val_fraction=0.25, test_fraction=0.25)
+    ckpt, record = bg.train_unet3d(str(folder / "work"), data, budget_s=2.0, tiny=True)
+    return folder, data, ckpt, record
+
+
+def test_unet3d_is_trained_for_the_budget_and_kept(unet3d_training):
+    folder, data, ckpt, record = unet3d_training
+    assert ckpt == str(folder / "work" / "unet3d" / "model.pt") and os.path.isfile(ckpt)
+    assert record["steps"] > 0 and 2.0 <= record["train_seconds"] < 10.0
+    assert 0 <= record["best_validation_dice"] <= 1 and 0 <= record["test"]["dice"] <= 1
+    # the best validation point of the curve is the checkpoint kept
+    assert record["best_validation_dice"] == max(c["dice"] for c in record["curve"])
+    net = model_parser("unet3d", [16, 16, 16], tiny=True)[0].get_parsed_content("network_def")
+    net.load_state_dict(torch.load(ckpt, weights_only=True))
+    stamp = os.path.getmtime(ckpt)
+    assert bg.train_unet3d(str(folder / "work"), data, budget_s=2.0, tiny=True) == (ckpt, record)
+    assert os.path.getmtime(ckpt) == stamp  # the same set-up is not trained again
+
+
+@pytest.mark.parametrize("budget", [0.0, -5.0])
+def test_unet3d_budget_must_be_positive(tmp_path, budget):
+    with pytest.raises(ValueError, match="positive seconds"):
+        bg.train_unet3d(str(tmp_path), str(tmp_path / "data"), budget_s=budget, tiny=True)
+
+
+def test_unet3d_checkpoint_or_budget_not_both(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        bg.run(str(tmp_path), unet3d_ckpt="x.pt", unet3d_budget_s=10.0, tiny=True)
+
+
+def test_unet3d_training_is_reported(page, unet3d_training):
+    _, _, results, _ = page
+    _, _, _, record = unet3d_training
+    trained = {**copy.deepcopy(results), "unet3d_training": {"data": "eval/x", "budget_s": 2.0, **record}}
+    text = bg.render(trained, "python -m scripts.benchmark_generalisation")
+    assert "## How the 3D U-Net was trained" in text and f"({record['steps']} steps;" in text
+    assert f"({record['best_validation_dice']:.3f})" in text and "`eval/x`" in text
+    assert "shipped 2.5D model" not in text  # no eval_metrics given
+    trained["unet3d_training"]["shipped_test_dice"] = 0.4321
+    assert "the shipped 2.5D model 0.432 (`eval_metrics`" in bg.render(trained, "python -m scripts.benchmark_generalisation")
+
+
+def test_shipped_test_dice_is_the_metadata_eval_metric():
+    with open(os.path.join(ROOT, "configs", "metadata.json")) as f:
+        assert bg._shipped_test_dice() == json.load(f)["eval_metrics"]["mean_dice"]
