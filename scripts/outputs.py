@@ -30,7 +30,7 @@ import os
 import tempfile
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,8 +102,13 @@ def _suffix_tag(path: str) -> str:
 class OutputPlan(FolderLayoutBase):
     """The output file of every input of an inference run, decided up front (module docs).
 
+    The plan is made on first use (:meth:`output_of`, or reading an attribute below), so that a config which
+    only parses its postprocessing (MONAI Label's bundle app takes the transforms and drops ``SaveImaged``)
+    never lists a dataset folder.
+
     Args:
-        images: the datalist (``[{"image": path}, ...]``) or the image paths.
+        images: the datalist (``[{"image": path}, ...]``) or the image paths, or a function without
+            arguments that returns them (called once, on first use).
         output_dir: the output folder: checked not to be a file here, created and checked for
             writing by :meth:`prepare` (:func:`check_output_dir`).
         postfix: added to the case name (``"seg"``: ``x_seg.nii.gz``); ``""`` for none.
@@ -115,15 +120,35 @@ class OutputPlan(FolderLayoutBase):
         results: ``{image: reason}`` for listed files that are masks of an earlier run.
     """
 
-    def __init__(self, images: Sequence, output_dir: str, postfix: str = "seg", ext: str = ".nii.gz") -> None:
+    def __init__(self, images: Sequence | Callable[[], Sequence], output_dir: str, postfix: str = "seg",
+                 ext: str = ".nii.gz") -> None:
         self.output_dir = check_output_dir(output_dir, create=False)
         self.postfix = f"_{postfix}" if postfix else ""
         self.ext = ext
-        paths = [str(i["image"]) if isinstance(i, Mapping) else str(i) for i in images]
-        self.results = {p: f"it is a mask written by this bundle (record {provenance_file(p)}), not an image to segment."
-                        for p in paths if _is_bundle_mask(p)}
-        inputs = [p for p in paths if p not in self.results]
-        self.outputs, self.refused = self._plan(inputs)
+        self._images = images
+        self._planned: tuple[dict[str, str], dict[str, str], dict[str, str]] | None = None
+
+    def _plan_once(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+        if self._planned is None:
+            images = self._images() if callable(self._images) else self._images
+            paths = [str(i["image"]) if isinstance(i, Mapping) else str(i) for i in images]
+            results = {p: f"it is a mask written by this bundle (record {provenance_file(p)}), not an image to "
+                       "segment." for p in paths if _is_bundle_mask(p)}
+            outputs, refused = self._plan([p for p in paths if p not in results])
+            self._planned = outputs, refused, results
+        return self._planned
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return self._plan_once()[0]
+
+    @property
+    def refused(self) -> dict[str, str]:
+        return self._plan_once()[1]
+
+    @property
+    def results(self) -> dict[str, str]:
+        return self._plan_once()[2]
 
     def _name(self, image: str, folder: str = "", tag: bool = False) -> str:
         stem = case_name(image) + (f"_{_suffix_tag(image)}" if tag else "")

@@ -23,7 +23,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
 
-from bundle_utils import BUNDLE_CMD, TINY_NET, TINY_NET_OVERRIDES, run
+from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET, TINY_NET_OVERRIDES, run
 from test_reliability import (
     FAST,
     INFERENCE,
@@ -39,7 +39,7 @@ from test_reliability import (
 )
 from scripts.checkpoints import BestModelSaver
 from scripts.data import inference_datalist, load_datalist
-from scripts.files import DatasetError, ImageCheck, check_image, read_header
+from scripts.files import DatasetError, DatasetNotFoundError, ImageCheck, check_image, read_header
 from scripts.inference import CasesFailedError
 from scripts.labels import LabelError, check_labels
 from scripts.outputs import OutputDirError, OutputPlan, provenance_file
@@ -91,6 +91,37 @@ def test_output_plan_names_each_input_once(tmp_path, inputs, postfix, expected):
         else:
             assert plan.output_of(image) == str(tmp_path / "out" / name)
     assert len(set(plan.outputs.values())) == len(plan.outputs)
+
+
+def test_output_plan_is_made_on_first_use(tmp_path):
+    calls = []
+
+    def images():
+        calls.append(1)
+        return [{"image": str(tmp_path / "a.nii.gz")}]
+
+    plan = OutputPlan(images, str(tmp_path / "out"))
+    assert calls == []
+    assert plan.output_of(str(tmp_path / "a.nii.gz")) == str(tmp_path / "out" / "a_seg.nii.gz")
+    assert plan.refused == {} and plan.results == {} and calls == [1]
+
+
+def test_inference_postprocessing_parses_without_the_dataset_folder(tmp_path):
+    """MONAI Label's bundle app instantiates configs/inference.json's postprocessing on its own, in a bundle
+    folder without data (it drops SaveImaged afterwards): nothing there may list dataset_dir."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.json"))
+    parser["bundle_root"] = ROOT
+    parser["dataset_dir"] = str(tmp_path / "missing")
+    parser["output_dir"] = str(tmp_path / "out")
+    post = parser.get_parsed_content("postprocessing")
+    assert type(post.transforms[-1]).__name__ == "SaveImaged"
+    with pytest.raises(RuntimeError) as raised:  # the dataset itself still needs the folder (MONAI wraps the error)
+        parser.get_parsed_content("dataset")
+    cause = raised.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, DatasetNotFoundError) and "missing" in str(cause)
 
 
 @pytest.mark.parametrize(
