@@ -4,7 +4,7 @@ One documented recipe, so that anyone can retrain the weights in ``models/`` and
 metrics that ``README.md`` and ``docs/README.md`` quote:
 
 1. training (``configs/train.json``, ``run training``) on the embedded synthetic data with the
-   settings of :data:`SETTINGS` (train.json's crops of random size up to the whole volume; about
+   settings of :data:`scripts.manifest.SHIPPED_SETTINGS` (train.json's crops of random size up to the whole volume; about
    90 minutes on 2 CPU cores at about 1 s a step, 56 steps an epoch), the same as the command line::
 
        python -m monai.bundle run training --config_file configs/train.json \\
@@ -41,20 +41,15 @@ import time
 
 import fire
 
+from scripts.manifest import SHIPPED_DATA_DIR, SHIPPED_SETTINGS, write_manifest
 from scripts.workflows import metric_means, metrics_markdown, replace_doc_section
 
-__all__ = ["SETTINGS", "WINDOWS", "EVAL_METRICS", "trained_epochs", "write_eval_metrics", "run"]
+__all__ = ["WINDOWS", "EVAL_METRICS", "trained_epochs", "write_eval_metrics", "run"]
 
 logger = logging.getLogger("scripts.default_model")
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["val_mean_dice", "val_cldice", "val_hd95"]
-SETTINGS = {
-    "synthetic_cases": 80,
-    "synthetic_seed": 1,
-    "epochs": 80,
-    "val_interval": 8,
-}
 # metadata.json's eval_metrics (the model zoo's names) from the evaluation's metrics, on the held-out test split
 EVAL_METRICS = {"mean_dice": "val_mean_dice", "mean_cldice": "val_cldice", "mean_hd95_mm": "val_hd95"}
 # the in-plane windows the whole-volume pass is compared with (whole depth, the option docs/model.md describes)
@@ -105,7 +100,7 @@ def write_eval_metrics(metrics_dir: str, metadata_file: str) -> dict[str, float]
 
 
 def _doc_text(tables: dict[str, str], data_dir: str, trained: tuple[int, int] | None = None) -> str:
-    s = SETTINGS
+    s = SHIPPED_SETTINGS
     window = "×".join(str(n) for n in WINDOWS[:2])
     if trained is not None and trained[0] < trained[1]:
         epochs = f"stopped after {trained[0]} of the recipe's {trained[1]} epochs"
@@ -125,7 +120,7 @@ def _doc_text(tables: dict[str, str], data_dir: str, trained: tuple[int, int] | 
 
 
 def run(
-    data_dir: str = "eval/default_model/data",
+    data_dir: str = SHIPPED_DATA_DIR,
     output_dir: str = "eval/default_model",
     ckpt_dir: str = "models",
     train: bool = True,
@@ -140,15 +135,15 @@ def run(
         ckpt_dir: where ``model.pt`` (and the training state ``checkpoint.ckpt``) go.
         train: train first; False evaluates the ``model.pt`` in ``ckpt_dir``.
         update_docs: write the test table into ``README.md`` and ``docs/README.md``.
-        settings: config overrides on top of :data:`SETTINGS` for every command (e.g. a smaller
+        settings: config overrides on top of :data:`SHIPPED_SETTINGS` for every command (e.g. a smaller
             network for a quick check); the docs are written only with the defaults.
     """
-    recipe = {**SETTINGS, **(settings or {})}
+    recipe = {**SHIPPED_SETTINGS, **(settings or {})}
     if update_docs and settings:
         raise ValueError("--update_docs writes the shipped model's metrics: leave --settings out.")
     from monai.bundle import run as bundle_run
 
-    network = {k: v for k, v in recipe.items() if k not in SETTINGS or k.startswith("synthetic")}
+    network = {k: v for k, v in recipe.items() if k not in SHIPPED_SETTINGS or k.startswith("synthetic")}
     common = {"bundle_root": BUNDLE_ROOT, "ckpt_dir": ckpt_dir, "synthetic_dir": data_dir, "dataset_dir": data_dir,
               **network}
     start = time.time()
@@ -160,8 +155,6 @@ def run(
     if train:
         logger.info("training the default model (%s)", ", ".join(f"{k} {v}" for k, v in recipe.items()))
         bundle_run("training", config_file=_config("train.json"), output_dir=output_dir, **{**common, **recipe})
-        from scripts.manifest import write_manifest
-
         write_manifest(ckpt_dir, data_dir, settings=recipe)
     if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         raise FileNotFoundError(f"no {os.path.join(ckpt_dir, 'model.pt')} to evaluate: train first (--train True).")

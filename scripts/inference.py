@@ -147,7 +147,8 @@ class CaseDataset(Dataset):
             image's ``(shape, affine)`` (default :class:`scripts.files.ImageCheck` ``()``);
             ``None`` for none.
         plan: the output names (:class:`scripts.outputs.OutputPlan`, also ``SaveImaged``'s
-            ``folder_layout``); made from ``data`` and the three output arguments if ``None``.
+            ``folder_layout``), bound to ``data`` here; made from ``data`` and the three output arguments
+            if ``None``.
         fingerprint: what makes a mask (:class:`scripts.outputs.Fingerprint`); without one no
             existing output is reused (no provenance can be checked) and none is recorded.
 
@@ -173,6 +174,7 @@ class CaseDataset(Dataset):
     ) -> None:
         super().__init__(data, transform)
         self.plan = plan if plan is not None else OutputPlan(data, output_dir, output_postfix, output_ext)
+        self.plan.bind(data)
         self.overwrite = as_flag(overwrite, "overwrite (--overwrite)")
         self.check = check if check is not None else ImageCheck()
         self.fingerprint = fingerprint

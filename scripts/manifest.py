@@ -28,6 +28,8 @@ from scripts.files import DatasetError, DatasetNotFoundError, case_name
 
 __all__ = [
     "MANIFEST",
+    "SHIPPED_DATA_DIR",
+    "SHIPPED_SETTINGS",
     "GENERATOR_MODULES",
     "SEEN_SPLITS",
     "array_hash",
@@ -47,6 +49,9 @@ MANIFEST = "training_manifest.json"
 GENERATOR_MODULES = ("synthetic", "anatomy", "arteries", "phantom", "acquisition")
 # the splits that shaped the weights: fitted on (training) and chosen on (validation, the best checkpoint)
 SEEN_SPLITS = ("training", "validation")
+# the shipped models/model.pt's recipe (scripts.default_model trains it): its data folder and training settings
+SHIPPED_DATA_DIR = "eval/default_model/data"
+SHIPPED_SETTINGS = {"synthetic_cases": 80, "synthetic_seed": 1, "epochs": 80, "val_interval": 8}
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -98,7 +103,7 @@ def build_manifest(dataset_dir: str, settings: Mapping | None = None) -> dict:
 
     Args:
         dataset_dir: the dataset the weights were trained on (any layout of :func:`scripts.data.load_datalist`).
-        settings: the training settings to record (e.g. :data:`scripts.default_model.SETTINGS`).
+        settings: the training settings to record (e.g. :data:`SHIPPED_SETTINGS`).
     """
     from scripts.data import load_datalist
 
@@ -206,12 +211,10 @@ def check_disjoint(manifest_path: str, images: Sequence[str]) -> None:
 def main() -> None:
     import fire
 
-    def write(ckpt_dir: str = "models", dataset_dir: str = "eval/default_model/data", settings: dict | None = None) -> str:
+    def write(ckpt_dir: str = "models", dataset_dir: str = SHIPPED_DATA_DIR, settings: dict | None = None) -> str:
         """Write the manifest of ``dataset_dir`` beside the weights in ``ckpt_dir``; ``settings``: the training settings
-        to record (default: the shipped model's recipe, :data:`scripts.default_model.SETTINGS`)."""
-        if settings is None:
-            from scripts.default_model import SETTINGS as settings
-        return write_manifest(ckpt_dir, dataset_dir, settings)
+        to record (default: the shipped model's recipe, :data:`SHIPPED_SETTINGS`)."""
+        return write_manifest(ckpt_dir, dataset_dir, SHIPPED_SETTINGS if settings is None else settings)
 
     def check(ckpt_dir: str = "models", dataset_dir: str = "data/synthetic", splits: Sequence[str] = ("validation", "test")) -> str:
         """Check that the ``splits`` of ``dataset_dir`` hold no case the weights in ``ckpt_dir`` were trained on."""

@@ -30,7 +30,7 @@ import os
 import tempfile
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,13 +102,13 @@ def _suffix_tag(path: str) -> str:
 class OutputPlan(FolderLayoutBase):
     """The output file of every input of an inference run, decided up front (module docs).
 
-    The plan is made on first use (:meth:`output_of`, or reading an attribute below), so that a config which
-    only parses its postprocessing (MONAI Label's bundle app takes the transforms and drops ``SaveImaged``)
-    never lists a dataset folder.
+    The images come with the plan or later from the dataset that reads them (:meth:`bind`, called by
+    :class:`scripts.inference.CaseDataset`), so that a config lists its dataset folder once, and a config
+    which only parses its postprocessing (MONAI Label's bundle app takes the transforms and drops
+    ``SaveImaged``) lists none. The plan is made on first use (:meth:`output_of`, or an attribute below).
 
     Args:
-        images: the datalist (``[{"image": path}, ...]``) or the image paths, or a function without
-            arguments that returns them (called once, on first use).
+        images: the datalist (``[{"image": path}, ...]``) or the image paths; None: given by :meth:`bind`.
         output_dir: the output folder: checked not to be a file here, created and checked for
             writing by :meth:`prepare` (:func:`check_output_dir`).
         postfix: added to the case name (``"seg"``: ``x_seg.nii.gz``); ``""`` for none.
@@ -120,7 +120,7 @@ class OutputPlan(FolderLayoutBase):
         results: ``{image: reason}`` for listed files that are masks of an earlier run.
     """
 
-    def __init__(self, images: Sequence | Callable[[], Sequence], output_dir: str, postfix: str = "seg",
+    def __init__(self, images: Sequence | None = None, output_dir: str = "", postfix: str = "seg",
                  ext: str = ".nii.gz") -> None:
         self.output_dir = check_output_dir(output_dir, create=False)
         self.postfix = f"_{postfix}" if postfix else ""
@@ -128,10 +128,23 @@ class OutputPlan(FolderLayoutBase):
         self._images = images
         self._planned: tuple[dict[str, str], dict[str, str], dict[str, str]] | None = None
 
+    def bind(self, images: Sequence) -> None:
+        """Give the plan its images (the datalist or the paths), unless it has them; a plan is for one list.
+
+        Raises:
+            ValueError: the plan has other images already.
+        """
+        if self._images is None:
+            self._images = images
+        elif _paths(self._images) != _paths(images):
+            raise ValueError("this output plan was made for other images; use one plan per list of images.")
+
     def _plan_once(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
         if self._planned is None:
-            images = self._images() if callable(self._images) else self._images
-            paths = [str(i["image"]) if isinstance(i, Mapping) else str(i) for i in images]
+            if self._images is None:
+                raise ValueError("this output plan has no images yet: pass them as `images` or bind the dataset "
+                                 "that reads them (scripts.inference.CaseDataset does).")
+            paths = _paths(self._images)
             results = {p: f"it is a mask written by this bundle (record {provenance_file(p)}), not an image to "
                        "segment." for p in paths if _is_bundle_mask(p)}
             outputs, refused = self._plan([p for p in paths if p not in results])
@@ -191,6 +204,11 @@ class OutputPlan(FolderLayoutBase):
     def filename(self, subject: Any = None, idx: Any = None, **kwargs: Any) -> str:
         """``SaveImaged``'s ``folder_layout`` hook: ``subject`` is the input file (its ``filename_or_obj``)."""
         return self.output_of(str(subject))
+
+
+def _paths(images: Sequence) -> list[str]:
+    """The image paths of a datalist (``[{"image": path}, ...]``) or of a list of paths."""
+    return [str(i["image"]) if isinstance(i, Mapping) else str(i) for i in images]
 
 
 def _shared(names: Mapping[str, str]) -> list[list[str]]:

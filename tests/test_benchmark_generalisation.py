@@ -12,6 +12,7 @@ from monai.bundle import ConfigParser
 
 from scripts import benchmark_generalisation as bg
 from scripts.benchmark_accuracy import TINY_LEVELS, model_parser
+from scripts.generalisation_report import METHODS, render
 from scripts.heldout import SOURCES, write_source
 from scripts.synthetic import write_dataset
 
@@ -53,7 +54,7 @@ def test_page_has_every_source_and_method(page):
         assert f"## {source}" in text and os.path.isfile(os.path.join(os.path.dirname(path), "images",
                                                                        f"generalisation_{source}.png"))
         methods = results["sources"][source]["methods"]
-        assert set(methods) == set(bg.METHODS) and all(m["status"] == "run" for m in methods.values())
+        assert set(methods) == set(METHODS) and all(m["status"] == "run" for m in methods.values())
         assert 0 <= methods["whole"]["dice"] <= 1 and methods["whole"]["seconds"] > 0
     assert "## Mean over sources" in text and "not run" not in text
     assert "python -m scripts.benchmark_generalisation" in text and "nilearn" in text
@@ -88,7 +89,7 @@ def test_unet3d_without_checkpoint_is_not_run(page):
     missing["settings"]["unet3d_ckpt"] = None
     for source in missing["sources"].values():
         source["methods"]["unet3d"] = {"status": "not run"}
-    text = bg.render(missing, "python -m scripts.benchmark_generalisation")
+    text = render(missing, "python -m scripts.benchmark_generalisation")
     assert text.count("| MONAI 3D U-Net, equal training budget (configs/unet3d.json) | not run |") == len(SOURCES) + 1
 
 
@@ -137,12 +138,12 @@ def test_unet3d_training_is_reported(page, unet3d_training):
     _, _, results, _ = page
     _, _, _, record = unet3d_training
     trained = {**copy.deepcopy(results), "unet3d_training": {"data": "eval/x", "budget_s": 2.0, **record}}
-    text = bg.render(trained, "python -m scripts.benchmark_generalisation")
+    text = render(trained, "python -m scripts.benchmark_generalisation")
     assert "## How the 3D U-Net was trained" in text and f"({record['steps']} steps;" in text
     assert f"({record['best_validation_dice']:.3f})" in text and "`eval/x`" in text
     assert "shipped 2.5D model" not in text  # no eval_metrics given
     trained["unet3d_training"]["shipped_test_dice"] = 0.4321
-    assert "the shipped 2.5D model 0.432 (`eval_metrics`" in bg.render(trained, "python -m scripts.benchmark_generalisation")
+    assert "the shipped 2.5D model 0.432 (`eval_metrics`" in render(trained, "python -m scripts.benchmark_generalisation")
 
 
 def test_shipped_test_dice_is_the_metadata_eval_metric():

@@ -12,6 +12,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts import default_model
+from scripts.manifest import SHIPPED_SETTINGS
 from bundle_utils import BUNDLE_CMD, ROOT, TINY_NET_OVERRIDES, run, synthetic_data
 
 MODEL = os.path.join(ROOT, "models", "model.pt")
@@ -66,7 +67,7 @@ def test_recipe_trains_and_evaluates(tmp_path):
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     assert default_model.trained_epochs(str(tmp_path / "models")) == (1, 1)
     manifest = json.load(open(tmp_path / "models" / "training_manifest.json"))
-    assert manifest["dataset"]["seed"] == default_model.SETTINGS["synthetic_seed"]
+    assert manifest["dataset"]["seed"] == SHIPPED_SETTINGS["synthetic_seed"]
     assert sum(len(cases) for cases in manifest["cases"].values()) == 6
     assert default_model.trained_epochs(str(tmp_path)) is None
     with pytest.raises(ValueError, match="leave --settings out"):
@@ -77,7 +78,7 @@ def test_recipe_data_is_disjoint_from_the_default_dataset():
     """The shipped weights never train on a case of the default dataset (train.json's synthetic seed)."""
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "train.json"))
-    assert default_model.SETTINGS["synthetic_seed"] != parser["synthetic_seed"]
+    assert SHIPPED_SETTINGS["synthetic_seed"] != parser["synthetic_seed"]
 
 
 def test_doc_text_names_the_recipe_and_the_tables():

@@ -40,7 +40,7 @@ from test_reliability import (
 from scripts.checkpoints import BestModelSaver
 from scripts.data import inference_datalist, load_datalist
 from scripts.files import DatasetError, DatasetNotFoundError, ImageCheck, check_image, read_header
-from scripts.inference import CasesFailedError
+from scripts.inference import CaseDataset, CasesFailedError
 from scripts.labels import LabelError, check_labels
 from scripts.outputs import OutputDirError, OutputPlan, provenance_file
 
@@ -93,17 +93,17 @@ def test_output_plan_names_each_input_once(tmp_path, inputs, postfix, expected):
     assert len(set(plan.outputs.values())) == len(plan.outputs)
 
 
-def test_output_plan_is_made_on_first_use(tmp_path):
-    calls = []
-
-    def images():
-        calls.append(1)
-        return [{"image": str(tmp_path / "a.nii.gz")}]
-
-    plan = OutputPlan(images, str(tmp_path / "out"))
-    assert calls == []
-    assert plan.output_of(str(tmp_path / "a.nii.gz")) == str(tmp_path / "out" / "a_seg.nii.gz")
-    assert plan.refused == {} and plan.results == {} and calls == [1]
+def test_output_plan_takes_its_images_from_the_dataset(tmp_path):
+    image = str(tmp_path / "a.nii.gz")
+    plan = OutputPlan(output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no images yet"):
+        plan.output_of(image)
+    dataset = CaseDataset([{"image": image}], transform=None, plan=plan)
+    assert dataset.output_of(image) == str(tmp_path / "out" / "a_seg.nii.gz")
+    assert plan.refused == {} and plan.results == {}
+    plan.bind([image])  # the same images again: nothing changes
+    with pytest.raises(ValueError, match="other images"):
+        CaseDataset([{"image": str(tmp_path / "b.nii.gz")}], transform=None, plan=plan)
 
 
 def test_inference_postprocessing_parses_without_the_dataset_folder(tmp_path):
