@@ -25,6 +25,7 @@ Command line (from the bundle root)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from scripts.heldout import SOURCES, write_source
 from scripts.manifest import SHIPPED_DATA_DIR as SHIPPED_DATA
 from scripts.manifest import SHIPPED_SETTINGS as SHIPPED
 
-__all__ = ["build_heldout", "choose_thresholds", "train_unet3d", "evaluate_bundle", "evaluate_unet3d",
+__all__ = ["build_heldout", "choose_thresholds", "train_unet3d", "data_signature", "evaluate_bundle", "evaluate_unet3d",
            "evaluate_frangi", "evaluate_threshold", "run", "main"]
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,8 @@ def train_unet3d(work_dir: str, data_dir: str, budget_s: float, seed: int = 0, t
 
     ``data_dir`` is written by the shipped model's recipe (``scripts.manifest.SHIPPED_SETTINGS``) when it has no
     ``dataset.json``. The weights and the training record go to ``work_dir/unet3d/`` (``model.pt``,
-    ``training.json``) and are reused while the record's set-up is the same.
+    ``training.json``) and are reused while the record's set-up is the same: folder, budget, seed and the data
+    itself (:func:`data_signature`).
 
     Returns:
         the checkpoint's path and the training record (:data:`TRAINING_KEYS` of the result).
@@ -214,6 +216,8 @@ def train_unet3d(work_dir: str, data_dir: str, budget_s: float, seed: int = 0, t
     folder = os.path.join(work_dir, "unet3d")
     ckpt, record = os.path.join(folder, "model.pt"), os.path.join(folder, "training.json")
     setup = {"data_dir": os.path.abspath(data_dir), "budget_s": float(budget_s), "seed": int(seed), "tiny": bool(tiny)}
+    if os.path.isfile(os.path.join(data_dir, "dataset.json")):
+        setup["data"] = data_signature(data_dir)
     if os.path.isfile(ckpt) and os.path.isfile(record):
         with open(record) as f:
             kept = json.load(f)
@@ -221,6 +225,7 @@ def train_unet3d(work_dir: str, data_dir: str, budget_s: float, seed: int = 0, t
             return ckpt, kept["result"]
     load_datalist(data_dir, synthetic_dir=data_dir, synthetic_cases=SHIPPED["synthetic_cases"],
                   synthetic_seed=SHIPPED["synthetic_seed"], check=False)
+    setup["data"] = data_signature(data_dir)
     crop = [16, 16, 16] if tiny else ConfigParser.load_config_file(os.path.join(ROOT, "configs", "unet3d.json"))[
         "roi_size"]
     os.makedirs(folder, exist_ok=True)
@@ -230,6 +235,23 @@ def train_unet3d(work_dir: str, data_dir: str, budget_s: float, seed: int = 0, t
     with open(record, "w") as f:
         json.dump(kept, f, indent=1)
     return ckpt, kept["result"]
+
+
+def data_signature(data_dir: str) -> str:
+    """SHA-256 of ``data_dir``'s ``dataset.json`` and of the name, size and modification time of every file it
+    lists: regenerated or edited data gives another signature, so a kept 3D U-Net is not reused for it."""
+    path = os.path.join(data_dir, "dataset.json")
+    with open(path, "rb") as f:
+        text = f.read()
+    digest = hashlib.sha256(text)
+    listed = json.loads(text)
+    for split in ("training", "validation", "test"):
+        for entry in listed.get(split, []):
+            for key in ("image", "label"):
+                if key in entry:
+                    stat = os.stat(os.path.join(data_dir, entry[key]))
+                    digest.update(f"{entry[key]}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
 
 
 def _run_classic(entries: Sequence[dict], predict) -> list[dict]:

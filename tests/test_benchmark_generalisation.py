@@ -123,6 +123,26 @@ def test_unet3d_is_trained_for_the_budget_and_kept(unet3d_training):
     assert os.path.getmtime(ckpt) == stamp  # the same set-up is not trained again
 
 
+def test_unet3d_is_trained_again_for_other_data(unet3d_training, tmp_path):
+    folder, data, ckpt, record = unet3d_training
+    work = tmp_path / "work"
+    os.makedirs(work / "unet3d")
+    for name in ("model.pt", "training.json"):
+        with open(os.path.join(folder, "work", "unet3d", name), "rb") as f, open(work / "unet3d" / name, "wb") as g:
+            g.write(f.read())
+    signature = bg.data_signature(data)
+    label = os.path.join(data, json.load(open(os.path.join(data, "dataset.json")))["training"][0]["label"])
+    os.utime(label, ns=(os.stat(label).st_atime_ns, os.stat(label).st_mtime_ns + 10**9))  # the data is rewritten
+    try:
+        assert bg.data_signature(data) != signature
+        stamp = os.path.getmtime(work / "unet3d" / "model.pt")
+        bg.train_unet3d(str(work), data, budget_s=2.0, tiny=True)
+        assert os.path.getmtime(work / "unet3d" / "model.pt") > stamp
+    finally:
+        os.utime(label, ns=(os.stat(label).st_atime_ns, os.stat(label).st_mtime_ns - 10**9))
+    assert bg.data_signature(data) == signature
+
+
 @pytest.mark.parametrize("budget", [0.0, -5.0])
 def test_unet3d_budget_must_be_positive(tmp_path, budget):
     with pytest.raises(ValueError, match="positive seconds"):
