@@ -16,11 +16,17 @@ Usage (from the bundle root)::
     python -m scripts.benchmark                        # full run (hours on a laptop CPU)
     python -m scripts.benchmark --quick --out /tmp/b   # a few minutes: checks that it all works
     python -m scripts.benchmark --only B1,B3 --threads 4
+    python -m scripts.benchmark --work_dir eval/benchmark/work --resume True   # go on after an interruption
+
+With ``--resume True`` a measurement whose record (``<name>.record.json`` in the work folder: its
+arguments, its threads, a hash of the bundle's code and configs, its result) matches is taken from
+the record instead of being run again, so a run of hours that was stopped goes on where it stopped.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib
 import json
 import logging
@@ -45,7 +51,7 @@ from scripts.benchmark_report import (axial_window, check_targets, markdown_tabl
                                       size_str, speed_ratios)
 from scripts.synthetic import write_dataset
 
-__all__ = ["SETTINGS", "BENCHMARKS", "environment", "run_child", "measure", "run", "main"]
+__all__ = ["SETTINGS", "BENCHMARKS", "environment", "code_hash", "run_child", "measure", "run", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +147,43 @@ def environment(threads: int) -> dict:
     }
 
 
-def run_child(task: str, kwargs: dict, threads: int, work_dir: str, name: str) -> dict:
+def code_hash() -> str:
+    """SHA-256 of the bundle's code and configs (``scripts/**/*.py``, ``*.cpp``, ``configs/*.json``): what a
+    measurement's result depends on besides its arguments."""
+    digest = hashlib.sha256()
+    for folder, suffixes in (("scripts", (".py", ".cpp")), ("configs", (".json",))):
+        for base, dirs, files in sorted(os.walk(os.path.join(ROOT, folder))):
+            dirs.sort()
+            for file in sorted(f for f in files if f.endswith(suffixes)):
+                path = os.path.join(base, file)
+                digest.update(os.path.relpath(path, ROOT).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def run_child(task: str, kwargs: dict, threads: int, work_dir: str, name: str, resume: bool = False) -> dict:
     """Run ``TASKS[task](**kwargs)`` in a fresh process; its result plus wall time and peak RSS.
 
     The child's peak RSS (``process_peak_rss_mb``) comes from ``os.wait4``, the kernel's
     ``ru_maxrss`` of that child alone. A failed child gives ``{"error": ...}`` and the run goes on.
+    A successful one leaves ``<name>.record.json`` (task, arguments, threads, :func:`code_hash`, result);
+    with ``resume`` a record that matches all of them is returned instead of running the task again.
     """
     spec, result = os.path.join(work_dir, f"{name}.spec.json"), os.path.join(work_dir, f"{name}.result.json")
+    record_path = os.path.join(work_dir, f"{name}.record.json")
+    key = {"task": task, "kwargs": kwargs, "threads": threads, "code": code_hash()}
+    if resume and os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if {k: record.get(k) for k in key} == json.loads(json.dumps(key)):
+            logger.info("%s: the result of an earlier run with the same arguments and code (%s)", name, record_path)
+            return record["result"]
+    for stale in (result, record_path):  # what an earlier run left must not pass for this one's
+        if os.path.exists(stale):
+            os.remove(stale)
     with open(spec, "w") as f:
         json.dump(kwargs, f)
-    if os.path.exists(result):  # a result left by an earlier run in the same work_dir must not pass for this one's
-        os.remove(result)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "scripts.benchmark", "measure", task, spec, result, f"--threads={threads}"]
@@ -166,6 +198,9 @@ def run_child(task: str, kwargs: dict, threads: int, work_dir: str, name: str) -
     with open(result) as f:
         out = json.load(f)
     out.update(wall_s=wall, process_peak_rss_mb=usage.ru_maxrss / 1024)
+    with open(record_path + ".tmp", "w") as f:
+        json.dump({**key, "result": out}, f)
+    os.replace(record_path + ".tmp", record_path)
     return out
 
 
@@ -194,14 +229,16 @@ def _finite(value):
     return value
 
 
-def _speed(task: str, sizes: Sequence[Sequence[int]], extra: dict, threads: int, work_dir: str, step) -> dict:
+def _speed(task: str, sizes: Sequence[Sequence[int]], extra: dict, threads: int, work_dir: str, step,
+           resume: bool = False) -> dict:
     rows = []
     for size in sizes:
         for model in ("unet25d", "unet3d"):
             name = f"{task}_{model}_{size_str(size).replace('×', 'x')}"
             step(f"{task} {model} {size_str(size)}")
             rows.append({"model": model, "size": list(size),
-                         **run_child(task, {"model": model, "size": list(size), **extra}, threads, work_dir, name)})
+                         **run_child(task, {"model": model, "size": list(size), **extra}, threads, work_dir, name,
+                                     resume)})
     return {"rows": rows, "ratios": speed_ratios(rows)}
 
 
@@ -214,7 +251,7 @@ def _window_grid(windows: Sequence[int], directions: Sequence[int]) -> tuple[lis
     return sorted({*map(int, windows), *extra}), sorted({*map(int, directions), bundle["num_directions"]})
 
 
-def _accuracy(s: dict, benches: set[str], threads: int, work_dir: str, seed: int, step) -> dict:
+def _accuracy(s: dict, benches: set[str], threads: int, work_dir: str, seed: int, step, resume: bool = False) -> dict:
     data_dir = os.path.join(work_dir, "data")
     step("B4/B5 synthetic data")
     write_dataset(data_dir, s["num_cases"], seed, s["case_size"], s["case_spacing"], None, s["val_fraction"],
@@ -237,24 +274,24 @@ def _accuracy(s: dict, benches: set[str], threads: int, work_dir: str, seed: int
                 "train", {**common, "model": model, "budget_s": s["budget_s"], "val_every_s": s["val_every_s"],
                           "batch": s["batch"], "seed": seed + i,
                           "checkpoint": checkpoint if model == "unet25d" and first else None},
-                threads, work_dir, f"train_{model}" + ("" if first else f"_run{i + 1}")))
+                threads, work_dir, f"train_{model}" + ("" if first else f"_run{i + 1}"), resume))
         b4["models"][model] = merge_runs(runs)
     if "B4" in benches:
         step("B4 Frangi")
         threshold_json = os.path.join(work_dir, "frangi.json")
         b4["frangi"] = run_child("frangi", {"data_dir": data_dir, "threshold_json": threshold_json}, threads, work_dir,
-                                 "frangi")
+                                 "frangi", resume)
         out["B4"] = b4
     if "B5" in benches:
         step("B5 directions")
         if os.path.isfile(checkpoint):
             out["B5"] = run_child("directions", {**common, "checkpoint": checkpoint, "directions": s["directions"]},
-                                  threads, work_dir, "directions")
+                                  threads, work_dir, "directions", resume)
             step("B5 windows")
             windows, directions = _window_grid(s["windows"], s["window_directions"])
             spec = {**common, "checkpoint": checkpoint, "windows": windows, "directions": directions,
                     "timing_size": s["window_timing_size"], "repeats": s["repeats"]}
-            out["B5"]["windows"] = run_child("windows", spec, threads, work_dir, "windows")
+            out["B5"]["windows"] = run_child("windows", spec, threads, work_dir, "windows", resume)
         else:
             out["B5"] = {"error": "no trained 2.5D model (B4's training failed)", "rows": []}
     return out
@@ -273,6 +310,7 @@ def run(
     batch: int | None = None,
     runs: int | None = None,
     update: bool = False,
+    resume: bool = False,
 ) -> str:
     """Run the benchmarks and write ``<out>/benchmarks.md``, ``<out>/benchmarks.json`` and plots.
 
@@ -295,6 +333,8 @@ def run(
             (their command, date and machine listed under ``updates`` and on the page); the settings of the
             earlier run stay, so ``quick`` and the 2.5D network (``network_25d``) must match it, and B1 goes
             with B5 (whose table divides B1's 3D U-Net time).
+        resume: take each measurement whose record in ``work_dir`` matches (its arguments, threads and the code)
+            from that record instead of measuring it again: goes on after an interrupted run (needs ``work_dir``).
 
     Returns:
         the path of the Markdown page.
@@ -317,6 +357,8 @@ def run(
         s["batch"] = int(batch)
     if runs is not None:
         s["runs"] = int(runs)
+    if resume and not work_dir:
+        raise ValueError("--resume needs the --work_dir of the run to go on with.")
     if s["budget_s"] <= 0 or s["repeats"] < 1 or s["runs"] < 1:
         raise ValueError(f"budget must be positive, repeats and runs at least 1, got {s['budget_s']}, "
                          f"{s['repeats']} and {s['runs']}.")
@@ -338,22 +380,22 @@ def run(
     try:
         if "B1" in benches:
             extra = {"repeats": s["repeats"], "roi_size": s["roi_size"]}
-            results["B1"] = _speed("inference", s["inference_sizes"], extra, threads, work, step)
+            results["B1"] = _speed("inference", s["inference_sizes"], extra, threads, work, step, resume)
         if "B2" in benches:
             extra = {"repeats": s["repeats"]}
-            results["B2"] = _speed("train_step", s["step_sizes"], extra, threads, work, step)
+            results["B2"] = _speed("train_step", s["step_sizes"], extra, threads, work, step, resume)
         if "B3" in benches:
             rows = []
             for size in s["operator_sizes"]:
                 step(f"B3 operators {size_str(size)}")
                 spec = {"size": size, "num_directions": s["num_directions"], "repeats": s["repeats"]}
-                r = run_child("operators", spec, threads, work, f"operators_{size_str(size).replace('×', 'x')}")
+                r = run_child("operators", spec, threads, work, f"operators_{size_str(size).replace('×', 'x')}", resume)
                 if "seconds" in r:
                     r["ratios"] = {k: t / r["seconds"]["floor"] for k, t in r["seconds"].items()}
                 rows.append({"size": list(size), **r})
             results["B3"] = {"p": s["num_directions"], "loop_seconds": LOOP_SECONDS, "rows": rows}
         if benches & {"B4", "B5"}:
-            results.update(_accuracy(s, benches, threads, work, seed, step))
+            results.update(_accuracy(s, benches, threads, work, seed, step, resume))
     finally:
         if temp is not None:
             temp.cleanup()

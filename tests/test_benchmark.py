@@ -14,7 +14,7 @@ import torch
 from parameterized import parameterized
 
 from scripts import benchmark_accuracy, fused
-from scripts.benchmark import BENCHMARKS, _merged, _window_grid, run, run_child
+from scripts.benchmark import BENCHMARKS, _merged, _window_grid, code_hash, run, run_child
 from scripts.benchmark_report import (
     TIE_DICE,
     _b2_loss,
@@ -689,3 +689,23 @@ def test_failed_child_is_not_hidden_by_an_old_result(tmp_path):
     out = run_child("inference", {"model": "no-such-model", "size": [8, 8, 4], "repeats": 1, "roi_size": [8, 8, 8]},
                     1, str(tmp_path), "stale")
     assert "error" in out and "seconds" not in out
+
+
+def test_resume_takes_a_matching_record_and_measures_anything_else(tmp_path):
+    """With ``resume`` a child whose record matches (task, arguments, threads, code) is not run again;
+    other arguments are measured anew, and without ``resume`` nothing is taken from a record."""
+    spec = {"model": "unet25d", "size": [8, 8, 4], "repeats": 1, "roi_size": [8, 8, 8]}
+    first = run_child("inference", spec, 1, str(tmp_path), "b1", resume=True)
+    assert "error" not in first and os.path.isfile(tmp_path / "b1.record.json")
+    assert run_child("inference", spec, 1, str(tmp_path), "b1", resume=True) == first
+    other = run_child("inference", {**spec, "size": [8, 8, 6]}, 1, str(tmp_path), "b1", resume=True)
+    assert "error" not in other and other["wall_s"] != first["wall_s"]
+    record = json.loads((tmp_path / "b1.record.json").read_text())
+    assert record["kwargs"]["size"] == [8, 8, 6] and record["code"] == code_hash()
+    again = run_child("inference", {**spec, "size": [8, 8, 6]}, 1, str(tmp_path), "b1")
+    assert again["wall_s"] != other["wall_s"]
+
+
+def test_resume_needs_the_work_dir(tmp_path):
+    with pytest.raises(ValueError, match="--resume needs the --work_dir"):
+        run(quick=True, only="B1", out=str(tmp_path), resume=True)
