@@ -215,17 +215,15 @@ def train_unet3d(work_dir: str, data_dir: str, budget_s: float, seed: int = 0, t
         raise ValueError(f"the 3D U-Net's training budget must be positive seconds, got {budget_s}.")
     folder = os.path.join(work_dir, "unet3d")
     ckpt, record = os.path.join(folder, "model.pt"), os.path.join(folder, "training.json")
-    setup = {"data_dir": os.path.abspath(data_dir), "budget_s": float(budget_s), "seed": int(seed), "tiny": bool(tiny)}
-    if os.path.isfile(os.path.join(data_dir, "dataset.json")):
-        setup["data"] = data_signature(data_dir)
+    load_datalist(data_dir, synthetic_dir=data_dir, synthetic_cases=SHIPPED["synthetic_cases"],
+                  synthetic_seed=SHIPPED["synthetic_seed"], check=False)
+    setup = {"data_dir": os.path.abspath(data_dir), "budget_s": float(budget_s), "seed": int(seed), "tiny": bool(tiny),
+             "data": data_signature(data_dir)}
     if os.path.isfile(ckpt) and os.path.isfile(record):
         with open(record) as f:
             kept = json.load(f)
         if kept.get("setup") == setup:
             return ckpt, kept["result"]
-    load_datalist(data_dir, synthetic_dir=data_dir, synthetic_cases=SHIPPED["synthetic_cases"],
-                  synthetic_seed=SHIPPED["synthetic_seed"], check=False)
-    setup["data"] = data_signature(data_dir)
     crop = [16, 16, 16] if tiny else ConfigParser.load_config_file(os.path.join(ROOT, "configs", "unet3d.json"))[
         "roi_size"]
     os.makedirs(folder, exist_ok=True)

@@ -14,6 +14,7 @@ import numpy as np
 from scripts.benchmark_report import fmt, markdown_table
 from scripts.data import load_datalist
 from scripts.heldout import MNI_FILES
+from scripts.manifest import SHIPPED_DATA_DIR
 
 __all__ = ["METHODS", "KEYS", "render", "save_figures"]
 
@@ -100,8 +101,9 @@ def _training_lines(t: dict) -> list[str]:
     return ["## How the 3D U-Net was trained", "",
             f"{t['network']}, {t['parameters']:,} parameters, {t['loss']}, {t['optimizer']}; batches of "
             f"{t['batch_size']} volumes × {t['num_samples']} crops of `configs/unet3d.json`'s `roi_size` with "
-            f"`configs/train.json`'s augmentation, on the training split of `{t['data']}` (the shipped model's data, "
-            f"`scripts.default_model`), for {t['budget_s']:.0f} s of training wall-clock ({t['steps']} steps; "
+            f"`configs/train.json`'s augmentation, on the training split of `{t['data']}`"
+            + (" (the shipped model's data, `scripts.default_model`)" if t["data"] == SHIPPED_DATA_DIR else "")
+            + f", for {t['budget_s']:.0f} s of training wall-clock ({t['steps']} steps; "
             "validation not counted). The checkpoint of best validation Dice "
             f"({t['best_validation_dice']:.3f}) is the one scored above; on the test split of that data it reaches "
             f"Dice {t['test']['dice']:.3f}" + (f", the shipped 2.5D model {t['shipped_test_dice']:.3f} "

@@ -105,7 +105,7 @@ class OutputPlan(FolderLayoutBase):
     The images come with the plan or later from the dataset that reads them (:meth:`bind`, called by
     :class:`scripts.inference.CaseDataset`), so that a config lists its dataset folder once, and a config
     which only parses its postprocessing (MONAI Label's bundle app takes the transforms and drops
-    ``SaveImaged``) lists none. The plan is made on first use (:meth:`output_of`, or an attribute below).
+    ``SaveImaged``) lists none. The plan is made when the images come.
 
     Args:
         images: the datalist (``[{"image": path}, ...]``) or the image paths; None: given by :meth:`bind`.
@@ -118,6 +118,7 @@ class OutputPlan(FolderLayoutBase):
         outputs: ``{image: output path}`` for the inputs that may be segmented.
         refused: ``{image: reason}`` for inputs whose output would collide or overwrite an input.
         results: ``{image: reason}`` for listed files that are masks of an earlier run.
+        (All three empty until the plan has its images.)
     """
 
     def __init__(self, images: Sequence | None = None, output_dir: str = "", postfix: str = "seg",
@@ -125,43 +126,28 @@ class OutputPlan(FolderLayoutBase):
         self.output_dir = check_output_dir(output_dir, create=False)
         self.postfix = f"_{postfix}" if postfix else ""
         self.ext = ext
-        self._images = images
-        self._planned: tuple[dict[str, str], dict[str, str], dict[str, str]] | None = None
+        self.paths: list[str] | None = None  # the images planned for, once they came
+        self.outputs: dict[str, str] = {}
+        self.refused: dict[str, str] = {}
+        self.results: dict[str, str] = {}
+        if images is not None:
+            self.bind(images)
 
     def bind(self, images: Sequence) -> None:
-        """Give the plan its images (the datalist or the paths), unless it has them; a plan is for one list.
+        """Plan for ``images`` (the datalist or the paths), unless the plan has them; a plan is for one list.
 
         Raises:
-            ValueError: the plan has other images already.
+            ValueError: the plan was made for other images.
         """
-        if self._images is None:
-            self._images = images
-        elif _paths(self._images) != _paths(images):
-            raise ValueError("this output plan was made for other images; use one plan per list of images.")
-
-    def _plan_once(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-        if self._planned is None:
-            if self._images is None:
-                raise ValueError("this output plan has no images yet: pass them as `images` or bind the dataset "
-                                 "that reads them (scripts.inference.CaseDataset does).")
-            paths = _paths(self._images)
-            results = {p: f"it is a mask written by this bundle (record {provenance_file(p)}), not an image to "
-                       "segment." for p in paths if _is_bundle_mask(p)}
-            outputs, refused = self._plan([p for p in paths if p not in results])
-            self._planned = outputs, refused, results
-        return self._planned
-
-    @property
-    def outputs(self) -> dict[str, str]:
-        return self._plan_once()[0]
-
-    @property
-    def refused(self) -> dict[str, str]:
-        return self._plan_once()[1]
-
-    @property
-    def results(self) -> dict[str, str]:
-        return self._plan_once()[2]
+        paths = _paths(images)
+        if self.paths is not None:
+            if paths != self.paths:
+                raise ValueError("this output plan was made for other images; use one plan per list of images.")
+            return
+        self.paths = paths
+        self.results = {p: f"it is a mask written by this bundle (record {provenance_file(p)}), not an image to "
+                        "segment." for p in paths if _is_bundle_mask(p)}
+        self.outputs, self.refused = self._plan([p for p in paths if p not in self.results])
 
     def _name(self, image: str, folder: str = "", tag: bool = False) -> str:
         stem = case_name(image) + (f"_{_suffix_tag(image)}" if tag else "")
@@ -199,6 +185,9 @@ class OutputPlan(FolderLayoutBase):
 
     def output_of(self, image: str) -> str:
         """The output file of ``image`` (a ``KeyError`` for a refused or unlisted one)."""
+        if self.paths is None:
+            raise ValueError("this output plan has no images yet: pass them as `images` or bind the dataset "
+                             "that reads them (scripts.inference.CaseDataset does).")
         return self.outputs[str(image)]
 
     def filename(self, subject: Any = None, idx: Any = None, **kwargs: Any) -> str:
